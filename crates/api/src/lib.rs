@@ -1,0 +1,349 @@
+//! The public REST API's JSON shapes: requests, responses and the error body.
+//!
+//! Field names are camelCase and keep the original system's names (`name`,
+//! `type`, `payload`, `maxRetries`, `priority`). Request fields that need a
+//! range check are read as wide integers so that an out-of-range value gets a
+//! 422 naming the field instead of a generic parse error.
+//!
+//! Conversions from the core records live here too, so the server, the SDK
+//! and the CLI agree on one rendering.
+
+use chrono::{DateTime, TimeZone, Utc};
+use jobsched_core::{Job, JobStatus, Worker};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// Default `maxRetries` when a submit leaves it out.
+pub const DEFAULT_MAX_RETRIES: i64 = 3;
+/// Default lease length of an acquisition (the original's 5 minutes).
+pub const DEFAULT_LEASE_SECONDS: u64 = 300;
+/// Longest long-poll an acquire may ask for.
+pub const MAX_WAIT_SECONDS: f64 = 60.0;
+/// Default and largest page size of job listings.
+pub const DEFAULT_PAGE_LIMIT: usize = 100;
+pub const MAX_PAGE_LIMIT: usize = 1000;
+
+/// `POST /api/jobs`
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateJobRequest {
+    /// Human-readable name (at most 256 bytes). Defaults to the type.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Job type: selects the worker handler. Required, non-empty.
+    #[serde(rename = "type", default)]
+    pub job_type: String,
+    /// Any JSON value handed to the handler.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub payload: Value,
+    /// Retries after a failed attempt (0..=100, default 3).
+    #[serde(default)]
+    pub max_retries: Option<i64>,
+    /// Higher runs first (-1000..=1000, default 0).
+    #[serde(default)]
+    pub priority: Option<i64>,
+    /// Per-attempt timeout in seconds, enforced by the worker.
+    #[serde(default)]
+    pub timeout_seconds: Option<f64>,
+    /// Do not run before this time (RFC 3339).
+    #[serde(default)]
+    pub run_at: Option<DateTime<Utc>>,
+    /// Idempotency key: a retried submit with the same key returns the first
+    /// job (also accepted as the `Idempotency-Key` header).
+    #[serde(default)]
+    pub request_id: Option<String>,
+}
+
+/// A lease as seen by clients.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobView {
+    pub id: Uuid,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub job_type: String,
+    #[schema(value_type = Object)]
+    pub payload: Value,
+    pub priority: i32,
+    pub max_retries: u32,
+    /// Attempts started so far.
+    pub attempt: u32,
+    /// Pending, Running, Completed, Failed (waiting to retry) or Dead.
+    pub status: String,
+    pub worker_id: Option<Uuid>,
+    /// Fencing token of the current (or last) lease; complete/heartbeat must
+    /// carry it.
+    pub fencing_token: Option<u64>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    /// When the job is (or was) next runnable.
+    pub run_at: DateTime<Utc>,
+    pub timeout_seconds: Option<f64>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+    pub last_error: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<Value>,
+    pub request_id: Option<String>,
+}
+
+pub fn millis_to_time(ms: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
+}
+
+/// Parse stored JSON text; stored text was validated JSON, but never panic.
+fn json_text(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.to_owned()))
+}
+
+impl From<&Job> for JobView {
+    fn from(j: &Job) -> Self {
+        JobView {
+            id: j.id,
+            name: j.spec.name.clone(),
+            job_type: j.spec.job_type.clone(),
+            payload: json_text(&j.spec.payload),
+            priority: j.spec.priority,
+            max_retries: j.spec.max_retries,
+            attempt: j.attempt,
+            status: j.status.as_str().to_owned(),
+            worker_id: j.lease.as_ref().map(|l| l.worker_id),
+            fencing_token: (j.last_token != 0).then_some(j.last_token),
+            lease_expires_at: j.lease.as_ref().map(|l| millis_to_time(l.expires_at)),
+            run_at: millis_to_time(j.ready_at),
+            timeout_seconds: j.spec.timeout_ms.map(|ms| ms as f64 / 1000.0),
+            created_at: millis_to_time(j.created_at),
+            started_at: j.started_at.map(millis_to_time),
+            completed_at: j.completed_at.map(millis_to_time),
+            updated_at: millis_to_time(j.updated_at),
+            last_error: j.last_error.clone(),
+            result: j.result.as_deref().map(json_text),
+            request_id: j.request_id.clone(),
+        }
+    }
+}
+
+impl JobView {
+    pub fn status(&self) -> Option<JobStatus> {
+        JobStatus::parse(&self.status)
+    }
+}
+
+/// `GET /api/jobs` response.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobList {
+    pub jobs: Vec<JobView>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// `POST /api/jobs/acquire`
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AcquireRequest {
+    pub worker_id: Uuid,
+    /// Types to take; default: the types the worker registered with (none
+    /// registered: any type).
+    #[serde(default)]
+    pub job_types: Option<Vec<String>>,
+    /// How many jobs at most (default 1, capped by the worker's capacity).
+    #[serde(default)]
+    pub max_jobs: Option<u32>,
+    /// Lease length in seconds (default 300). Heartbeats extend it.
+    #[serde(default)]
+    pub lease_seconds: Option<u64>,
+    /// Long poll: wait up to this many seconds for a job (default 0, max 60).
+    #[serde(default)]
+    pub wait_seconds: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AcquireResponse {
+    pub jobs: Vec<JobView>,
+}
+
+/// `POST /api/jobs/{id}/complete`
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CompleteRequest {
+    /// The fencing token of the lease this attempt ran under.
+    pub fencing_token: u64,
+    /// Informational; the token decides.
+    #[serde(default)]
+    pub worker_id: Option<Uuid>,
+    /// true (default) for success, false for failure.
+    #[serde(default = "yes")]
+    pub success: bool,
+    /// Result of a successful run (any JSON).
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<Value>,
+    /// Error message of a failed run.
+    #[serde(default, alias = "errorMessage")]
+    pub error: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `POST /api/jobs/{id}/release`: give a running job back (worker drain).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReleaseRequest {
+    pub fencing_token: u64,
+}
+
+/// `POST /api/workers/register`
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RegisterWorkerRequest {
+    /// Re-register under a known id (after being declared dead); default: a
+    /// new id is assigned.
+    #[serde(default)]
+    pub worker_id: Option<Uuid>,
+    #[serde(default)]
+    pub name: String,
+    /// Concurrent jobs (1..=10000, default 10).
+    #[serde(default)]
+    pub capacity: Option<i64>,
+    /// Job types it runs; empty: any.
+    #[serde(default)]
+    pub job_types: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerView {
+    pub id: Uuid,
+    pub name: String,
+    pub capacity: u32,
+    pub job_types: Vec<String>,
+    /// Active or Dead.
+    pub status: String,
+    pub registered_at: DateTime<Utc>,
+    pub last_heartbeat_at: DateTime<Utc>,
+}
+
+impl From<&Worker> for WorkerView {
+    fn from(w: &Worker) -> Self {
+        WorkerView {
+            id: w.id,
+            name: w.name.clone(),
+            capacity: w.capacity,
+            job_types: w.job_types.clone(),
+            status: w.status.as_str().to_owned(),
+            registered_at: millis_to_time(w.registered_at),
+            last_heartbeat_at: millis_to_time(w.last_heartbeat_at),
+        }
+    }
+}
+
+/// A job a worker reports as running, in a heartbeat.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HeldJob {
+    pub job_id: Uuid,
+    pub fencing_token: u64,
+}
+
+/// `POST /api/workers/{id}/heartbeat` (the body is optional).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HeartbeatRequest {
+    /// Jobs the worker runs; their leases are extended. Absent: extend all
+    /// leases the worker holds.
+    #[serde(default)]
+    pub jobs: Option<Vec<HeldJob>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HeartbeatResponse {
+    pub worker: WorkerView,
+    /// Reported jobs whose lease the worker no longer holds: stop them, their
+    /// results would be rejected.
+    pub revoked_jobs: Vec<Uuid>,
+}
+
+/// `GET /api/workers`
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerList {
+    pub workers: Vec<WorkerView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterMember {
+    pub id: u64,
+    pub addr: String,
+}
+
+/// `GET /api/cluster`
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterView {
+    pub node_id: u64,
+    /// Leader, Follower, Candidate or Learner.
+    pub role: String,
+    pub leader_id: Option<u64>,
+    pub leader_addr: Option<String>,
+    pub term: u64,
+    pub members: Vec<ClusterMember>,
+    pub last_log_index: Option<u64>,
+    pub last_applied_index: Option<u64>,
+    pub snapshot_index: Option<u64>,
+    /// Milliseconds since the leader last heard from a quorum (leader only).
+    pub millis_since_quorum_ack: Option<u64>,
+}
+
+/// `GET /api/debug/digest`: a hash of the whole state machine at an index.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DigestView {
+    pub node_id: u64,
+    pub applied_index: Option<u64>,
+    pub digest: String,
+    pub keys: u64,
+}
+
+/// `GET /health` and `GET /ready`
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthView {
+    pub status: String,
+    pub node_id: u64,
+    #[serde(default)]
+    pub leader_id: Option<u64>,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// Every error response: `{"error":{"code":..,"message":..}}`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorDetail {
+    /// Machine-readable: invalid_json, validation_failed, not_found,
+    /// payload_too_large, stale_token, wrong_status, worker_dead, no_leader,
+    /// timeout, internal.
+    pub code: String,
+    pub message: String,
+    /// The offending field, for validation errors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// The leader's API address, when known (on no_leader / redirects).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+}
