@@ -1,0 +1,323 @@
+//! Store tests against real RocksDB in temp dirs: openraft's storage suite,
+//! durability across reopen, snapshot round trips and crash-safe install.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use jobsched_core::{Batch, Command, JobSpec, JobStatus, Outcome, Reader};
+use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
+use openraft::testing::{StoreBuilder, Suite};
+use openraft::{CommittedLeaderId, EntryPayload, RaftLogReader, RaftSnapshotBuilder};
+use tempfile::TempDir;
+use uuid::Uuid;
+
+use super::state_machine::{snapshot_file_name, test_support};
+use super::*;
+use crate::types::{Entry, LogId, Membership, Node, SnapshotMeta, StorageError, TypeConfig, Vote};
+
+struct Builder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for Builder {
+    async fn build(&self) -> Result<(TempDir, LogStore, StateMachineStore), StorageError> {
+        let dir = TempDir::new()
+            .map_err(|e| StorageError::from_io_error(openraft::ErrorSubject::Store, openraft::ErrorVerb::Write, e))?;
+        let (log, sm) = open_stores(dir.path())
+            .map_err(|e| StorageError::from(openraft::StorageIOError::write(openraft::AnyError::new(&e))))?;
+        Ok((dir, log, sm))
+    }
+}
+
+/// openraft's own conformance suite (log, vote, purge, truncate, applied
+/// state, snapshot transfer).
+#[test]
+fn openraft_storage_suite() -> Result<(), StorageError> {
+    Suite::test_all(Builder)
+}
+
+fn log_id(term: u64, index: u64) -> LogId {
+    LogId::new(CommittedLeaderId::new(term, 1), index)
+}
+
+fn spec(name: &str) -> JobSpec {
+    JobSpec {
+        name: name.into(),
+        job_type: "email".into(),
+        payload: "{}".into(),
+        priority: 0,
+        max_retries: 2,
+        timeout_ms: None,
+        run_at: None,
+    }
+}
+
+fn submit_entry(index: u64, n: u128) -> Entry {
+    Entry {
+        log_id: log_id(1, index),
+        payload: EntryPayload::Normal(Batch {
+            now_ms: 1_000 + index as i64,
+            commands: vec![Command::SubmitJob {
+                job_id: Uuid::from_u128(n),
+                request_id: Some(format!("req-{n}")),
+                spec: spec(&format!("job-{n}")),
+            }],
+        }),
+    }
+}
+
+fn membership_entry(index: u64) -> Entry {
+    let nodes: BTreeMap<u64, Node> = (1..=3).map(|i| (i, Node::new(format!("127.0.0.1:{}", 7000 + i)))).collect();
+    let voters: BTreeSet<u64> = nodes.keys().copied().collect();
+    Entry { log_id: log_id(1, index), payload: EntryPayload::Membership(Membership::new(vec![voters], nodes)) }
+}
+
+/// A blank, a membership and `n` submits, starting at index 1.
+fn history(n: u64) -> Vec<Entry> {
+    let mut v = vec![Entry { log_id: log_id(1, 1), payload: EntryPayload::Blank }, membership_entry(2)];
+    v.extend((0..n).map(|i| submit_entry(3 + i, u128::from(i) + 1)));
+    v
+}
+
+#[tokio::test]
+async fn log_and_vote_survive_reopen() {
+    let dir = TempDir::new().unwrap();
+    let entries = history(5);
+    {
+        let (mut log, _sm) = open_stores(dir.path()).unwrap();
+        log.blocking_append(entries.clone()).await.unwrap();
+        log.save_vote(&Vote::new_committed(1, 1)).await.unwrap();
+        log.save_committed(Some(log_id(1, 4))).await.unwrap();
+        log.purge(log_id(1, 2)).await.unwrap();
+    }
+    let (mut log, _sm) = open_stores(dir.path()).unwrap();
+    assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new_committed(1, 1)));
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 4)));
+    let got = log.try_get_log_entries(0..).await.unwrap();
+    assert_eq!(got, entries[2..].to_vec());
+    let st = log.get_log_state().await.unwrap();
+    assert_eq!(st.last_purged_log_id, Some(log_id(1, 2)));
+    assert_eq!(st.last_log_id, Some(log_id(1, 7)));
+
+    // Truncate a suffix; survives reopen too.
+    log.truncate(log_id(1, 6)).await.unwrap();
+    drop(log);
+    drop(_sm);
+    let (mut log, _sm) = open_stores(dir.path()).unwrap();
+    assert_eq!(log.get_log_state().await.unwrap().last_log_id, Some(log_id(1, 5)));
+    assert_eq!(log.try_get_log_entries(3..=5).await.unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn state_machine_survives_reopen() {
+    let dir = TempDir::new().unwrap();
+    let (digest_before, kv_check) = {
+        let (_log, mut sm) = open_stores(dir.path()).unwrap();
+        let mut applied = sm.subscribe_applied();
+        let out = sm.apply(history(10)).await.unwrap();
+        assert_eq!(out.len(), 12);
+        assert!(out[0].is_empty() && out[1].is_empty(), "blank and membership answer nothing");
+        assert!(matches!(&out[2][..], [Outcome::Submitted { created: true, .. }]));
+        assert!(applied.has_changed().unwrap());
+        assert_eq!(*applied.borrow_and_update(), 12);
+
+        // A retried submit (same request id) returns the first job.
+        let retry = Entry {
+            log_id: log_id(1, 13),
+            payload: EntryPayload::Normal(Batch {
+                now_ms: 5_000,
+                commands: vec![Command::SubmitJob {
+                    job_id: Uuid::from_u128(999),
+                    request_id: Some("req-1".into()),
+                    spec: spec("dup"),
+                }],
+            }),
+        };
+        let out = sm.apply([retry]).await.unwrap();
+        match &out[0][..] {
+            [Outcome::Submitted { job, created: false }] => assert_eq!(job.id, Uuid::from_u128(1)),
+            other => panic!("unexpected {other:?}"),
+        }
+        (sm.digest().await.unwrap(), sm.kv())
+    };
+    drop(kv_check);
+
+    let (_log, mut sm) = open_stores(dir.path()).unwrap();
+    let (applied, membership) = sm.applied_state().await.unwrap();
+    assert_eq!(applied, Some(log_id(1, 13)));
+    assert_eq!(membership.log_id(), &Some(log_id(1, 2)));
+    assert_eq!(membership.voter_ids().collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(sm.digest().await.unwrap(), digest_before);
+    assert_eq!(digest_before.0, Some(13));
+    assert_eq!(*sm.subscribe_applied().borrow(), 13);
+
+    let kv = sm.kv();
+    assert_eq!(kv.last_applied_index().unwrap(), Some(13));
+    let reader = Reader::new(&kv);
+    assert_eq!(reader.count_by_status(JobStatus::Pending).unwrap(), 10);
+    let job = reader.job(Uuid::from_u128(3)).unwrap().unwrap();
+    assert_eq!(job.spec.name, "job-3");
+    let (page, next) = kv.read_consistent(|r| Reader::new(r).list_jobs(None, None, 4)).unwrap().unwrap();
+    assert_eq!(page.len(), 4);
+    assert_eq!(next, Some(page[3].seq));
+}
+
+async fn build_snapshot(sm: &mut StateMachineStore) -> crate::types::Snapshot {
+    sm.get_snapshot_builder().await.build_snapshot().await.unwrap()
+}
+
+#[tokio::test]
+async fn snapshot_round_trip_between_stores() {
+    let a_dir = TempDir::new().unwrap();
+    let b_dir = TempDir::new().unwrap();
+    let (_la, mut a) = open_stores(a_dir.path()).unwrap();
+    let (_lb, mut b) = open_stores(b_dir.path()).unwrap();
+    a.apply(history(50)).await.unwrap();
+    // B has some state of its own that the install must replace entirely.
+    b.apply(vec![submit_entry(1, 777)]).await.unwrap();
+
+    let first = build_snapshot(&mut a).await;
+    a.apply(vec![submit_entry(53, 1000)]).await.unwrap();
+    let snap = build_snapshot(&mut a).await;
+    assert_eq!(snap.meta.last_log_id, Some(log_id(1, 53)));
+    assert_ne!(first.meta.snapshot_id, snap.meta.snapshot_id);
+    // Only the newest snapshot file remains.
+    let files: Vec<_> = std::fs::read_dir(a_dir.path().join("snapshots")).unwrap().collect();
+    assert_eq!(files.len(), 1);
+    let current = a.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(current.meta, snap.meta);
+
+    // Stream it into B the way openraft does: write into the receive file.
+    let mut recv = b.begin_receiving_snapshot().await.unwrap();
+    let mut src = current.snapshot;
+    tokio::io::copy(&mut *src, &mut *recv).await.unwrap();
+    b.install_snapshot(&snap.meta, recv).await.unwrap();
+
+    let da = a.digest().await.unwrap();
+    let db = b.digest().await.unwrap();
+    assert_eq!(da, db);
+    assert_eq!(da.0, Some(53));
+    assert_eq!(b.applied_state().await.unwrap(), (snap.meta.last_log_id, snap.meta.last_membership.clone()));
+    assert_eq!(b.get_current_snapshot().await.unwrap().unwrap().meta, snap.meta);
+    assert_eq!(*b.subscribe_applied().borrow(), 53);
+    let files: Vec<_> = std::fs::read_dir(b_dir.path().join("snapshots")).unwrap().collect();
+    assert_eq!(files.len(), 1, "receive file renamed into place, nothing left over");
+
+    // B keeps applying from there.
+    b.apply(vec![submit_entry(54, 2000)]).await.unwrap();
+    a.apply(vec![submit_entry(54, 2000)]).await.unwrap();
+    assert_eq!(a.digest().await.unwrap(), b.digest().await.unwrap());
+}
+
+#[tokio::test]
+async fn corrupt_snapshot_is_rejected_without_touching_state() {
+    let a_dir = TempDir::new().unwrap();
+    let b_dir = TempDir::new().unwrap();
+    let (_la, mut a) = open_stores(a_dir.path()).unwrap();
+    let (_lb, mut b) = open_stores(b_dir.path()).unwrap();
+    a.apply(history(5)).await.unwrap();
+    b.apply(history(2)).await.unwrap();
+    let before = b.digest().await.unwrap();
+    let snap = build_snapshot(&mut a).await;
+    let path = a_dir.path().join("snapshots").join(snapshot_file_name(&snap.meta.snapshot_id));
+    let mut bytes = std::fs::read(path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+
+    let mut recv = b.begin_receiving_snapshot().await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut *recv, &bytes).await.unwrap();
+    assert!(b.install_snapshot(&snap.meta, recv).await.is_err());
+    assert_eq!(b.digest().await.unwrap(), before);
+    assert!(b.get_current_snapshot().await.unwrap().is_none());
+}
+
+/// A crash after the pending-install marker was written (state possibly half
+/// replaced): reopening completes the install.
+#[tokio::test]
+async fn interrupted_install_completes_on_reopen() {
+    let a_dir = TempDir::new().unwrap();
+    let b_dir = TempDir::new().unwrap();
+    let (_la, mut a) = open_stores(a_dir.path()).unwrap();
+    a.apply(history(30)).await.unwrap();
+    let snap = build_snapshot(&mut a).await;
+    let name = snapshot_file_name(&snap.meta.snapshot_id);
+
+    {
+        let (_lb, mut b) = open_stores(b_dir.path()).unwrap();
+        b.apply(history(3)).await.unwrap();
+        // Step 1 of an install: the file in place. Step 3: the marker.
+        std::fs::copy(a_dir.path().join("snapshots").join(&name), b_dir.path().join("snapshots").join(&name)).unwrap();
+        let db = test_support::db_of(&b);
+        test_support::write_pending_marker(&db, &snap.meta, &name);
+        // Consistent reads refuse a half-installed state rather than wait.
+        assert!(b.kv().read_consistent(|_| ()).is_err());
+        assert!(b.kv().digest().is_err());
+        // Part of step 4: some old keys deleted, some new ones written.
+        let sm_cf = cf(&db, CF_SM).unwrap();
+        let mut it = db.raw_iterator_cf(sm_cf);
+        it.seek_to_first();
+        let k = it.key().unwrap().to_vec();
+        drop(it);
+        db.delete_cf(sm_cf, k).unwrap();
+        db.put_cf(sm_cf, b"zz-partial", b"x").unwrap();
+        // Leftover temp files from the interrupted transfer.
+        std::fs::write(b_dir.path().join("snapshots").join("recv-1.tmp"), b"junk").unwrap();
+    } // "crash"
+
+    let (_lb, mut b) = open_stores(b_dir.path()).unwrap();
+    assert!(!test_support::has_pending_marker(&test_support::db_of(&b)));
+    assert_eq!(a.digest().await.unwrap(), b.digest().await.unwrap());
+    assert_eq!(b.applied_state().await.unwrap(), (snap.meta.last_log_id, snap.meta.last_membership.clone()));
+    assert_eq!(b.get_current_snapshot().await.unwrap().unwrap().meta, snap.meta);
+    let files: Vec<_> = std::fs::read_dir(b_dir.path().join("snapshots"))
+        .unwrap()
+        .map(|d| d.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(files, vec![name]);
+}
+
+#[tokio::test]
+async fn missing_snapshot_file_is_forgotten() {
+    let dir = TempDir::new().unwrap();
+    let name = {
+        let (_l, mut sm) = open_stores(dir.path()).unwrap();
+        sm.apply(history(2)).await.unwrap();
+        let snap = build_snapshot(&mut sm).await;
+        snapshot_file_name(&snap.meta.snapshot_id)
+    };
+    std::fs::remove_file(dir.path().join("snapshots").join(name)).unwrap();
+    let (_l, mut sm) = open_stores(dir.path()).unwrap();
+    assert!(sm.get_current_snapshot().await.unwrap().is_none());
+    assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(1, 4)));
+}
+
+/// Golden bytes of what the log stores on disk: a change here breaks
+/// existing data directories.
+#[test]
+fn golden_stored_log_id_and_vote() {
+    let id = log_id(3, 7);
+    let mut want = vec![STORE_VERSION];
+    want.extend_from_slice(&3u64.to_le_bytes()); // term
+    want.extend_from_slice(&1u64.to_le_bytes()); // node id
+    want.extend_from_slice(&7u64.to_le_bytes()); // index
+    assert_eq!(encode(&id).unwrap(), want);
+
+    let blank = Entry { log_id: id, payload: EntryPayload::Blank };
+    let mut want_entry = want.clone();
+    want_entry.extend_from_slice(&0u32.to_le_bytes()); // EntryPayload::Blank
+    assert_eq!(encode(&blank).unwrap(), want_entry);
+    assert_eq!(decode::<Entry>(&want_entry).unwrap(), blank);
+
+    let vote = Vote::new_committed(4, 2);
+    let mut want_vote = vec![STORE_VERSION];
+    want_vote.extend_from_slice(&4u64.to_le_bytes());
+    want_vote.extend_from_slice(&2u64.to_le_bytes());
+    want_vote.push(1);
+    assert_eq!(encode(&vote).unwrap(), want_vote);
+    assert!(decode::<Vote>(&[STORE_VERSION + 1, 0]).is_err());
+}
+
+#[test]
+fn snapshot_file_names_are_safe() {
+    assert_eq!(snapshot_file_name("3-10-abc-1"), "3-10-abc-1.snap");
+    let odd = snapshot_file_name("../../etc/passwd");
+    assert!(odd.starts_with('x') && !odd.contains('/'));
+    let _unused: Option<SnapshotMeta> = None;
+}
