@@ -1,0 +1,289 @@
+//! `jobsched-bench`: measures the cluster from the outside, through the
+//! public HTTP API only.
+//!
+//! Modes:
+//! * `submit`: closed loop, C concurrent clients, for T seconds (or N jobs):
+//!   throughput and latency percentiles of `POST /api/jobs`.
+//! * `failover`: R rounds of "kill -9 the leader with a command you give,
+//!   measure the time until a submit is acknowledged again, restart it".
+//!
+//! Figures are printed as a table line and, with `--json`, as one JSON
+//! object, so scripts can collect them.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(name = "jobsched-bench", about = "Measure a jobsched cluster through its HTTP API")]
+struct Cli {
+    /// Coordinator base URLs, comma-separated.
+    #[arg(
+        long,
+        env = "JOBSCHED_COORDINATORS",
+        default_value = "http://127.0.0.1:5001,http://127.0.0.1:5002,http://127.0.0.1:5003",
+        value_delimiter = ','
+    )]
+    coordinators: Vec<String>,
+    /// Print one JSON object with the figures as well.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Closed-loop submits: C clients each wait for their answer before sending the next.
+    Submit {
+        #[arg(long, short = 'c', default_value_t = 1)]
+        concurrency: usize,
+        /// Seconds to run (after a 1 s warm-up).
+        #[arg(long, short = 'd', default_value_t = 10.0)]
+        duration: f64,
+        /// Stop after this many jobs instead (0: use the duration).
+        #[arg(long, default_value_t = 0)]
+        total: u64,
+        /// Send every request to this node only (index into --coordinators);
+        /// default: spread clients over all nodes.
+        #[arg(long)]
+        node: Option<usize>,
+    },
+    /// Kill the leader R times and measure write unavailability.
+    Failover {
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+        /// Shell command that kills node {id} (e.g. "scripts/cluster.sh kill {id}").
+        #[arg(long)]
+        kill_cmd: String,
+        /// Shell command that starts node {id} again.
+        #[arg(long)]
+        start_cmd: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .tcp_nodelay(true)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let figures = match &cli.mode {
+        Mode::Submit { concurrency, duration, total, node } => {
+            submit(&http, &cli.coordinators, *concurrency, *duration, *total, *node).await?
+        }
+        Mode::Failover { rounds, kill_cmd, start_cmd } => {
+            failover(&http, &cli.coordinators, *rounds, kill_cmd, start_cmd).await?
+        }
+    };
+    if cli.json {
+        println!("{figures}");
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+async fn submit_once(http: &reqwest::Client, base: &str, n: u64) -> Result<()> {
+    let body =
+        json!({"name": "bench", "type": "bench", "payload": {"n": n}, "requestId": uuid::Uuid::new_v4().to_string()});
+    let r = http.post(format!("{base}/api/jobs")).json(&body).send().await?;
+    if !r.status().is_success() {
+        bail!("submit answered {}", r.status());
+    }
+    Ok(())
+}
+
+async fn submit(
+    http: &reqwest::Client,
+    nodes: &[String],
+    concurrency: usize,
+    duration: f64,
+    total: u64,
+    node: Option<usize>,
+) -> Result<Value> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for c in 0..concurrency {
+        let base = match node {
+            Some(i) => nodes.get(i).context("--node out of range")?.clone(),
+            None => nodes[c % nodes.len()].clone(),
+        };
+        let (http, stop, sent, errors, measuring) =
+            (http.clone(), stop.clone(), sent.clone(), errors.clone(), measuring.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(4096);
+            while !stop.load(Ordering::Relaxed) {
+                let n = sent.fetch_add(1, Ordering::Relaxed);
+                if total > 0 && n >= total {
+                    break;
+                }
+                let t = Instant::now();
+                let ok = submit_once(&http, &base, n).await.is_ok();
+                if measuring.load(Ordering::Relaxed) {
+                    if ok {
+                        lat.push(t.elapsed());
+                    } else {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            lat
+        }));
+    }
+    // Warm-up: connections, leader caches.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    let progress = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                eprint!(".");
+            }
+        })
+    };
+    if total == 0 {
+        tokio::time::sleep(Duration::from_secs_f64(duration)).await;
+        stop.store(true, Ordering::Relaxed);
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await?);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    progress.abort();
+    eprintln!();
+    all.sort();
+    let ok = all.len() as f64;
+    let fig = json!({
+        "mode": "submit", "concurrency": concurrency, "ok": all.len(), "errors": errors.load(Ordering::Relaxed),
+        "seconds": elapsed, "perSecond": ok / elapsed,
+        "p50Ms": percentile(&all, 0.50), "p90Ms": percentile(&all, 0.90), "p99Ms": percentile(&all, 0.99),
+        "maxMs": percentile(&all, 1.0),
+    });
+    println!(
+        "submit c={concurrency:<4} {:>9.0}/s  p50 {:>7.2} ms  p90 {:>7.2} ms  p99 {:>7.2} ms  max {:>8.2} ms  errors {}",
+        ok / elapsed,
+        percentile(&all, 0.5),
+        percentile(&all, 0.9),
+        percentile(&all, 0.99),
+        percentile(&all, 1.0),
+        errors.load(Ordering::Relaxed)
+    );
+    Ok(fig)
+}
+
+async fn cluster_view(http: &reqwest::Client, base: &str) -> Option<Value> {
+    let r = http.get(format!("{base}/api/cluster")).timeout(Duration::from_secs(1)).send().await.ok()?;
+    r.json().await.ok()
+}
+
+/// The leader's node id and its index in `nodes`, as reported by any node.
+async fn find_leader(http: &reqwest::Client, nodes: &[String]) -> Option<(u64, usize)> {
+    for base in nodes {
+        if let Some(v) = cluster_view(http, base).await {
+            if let (Some(id), Some(addr)) = (v["leaderId"].as_u64(), v["leaderAddr"].as_str()) {
+                let idx = nodes.iter().position(|n| n.ends_with(addr))?;
+                return Some((id, idx));
+            }
+        }
+    }
+    None
+}
+
+async fn all_ready(http: &reqwest::Client, nodes: &[String]) -> bool {
+    for base in nodes {
+        let ok = http
+            .get(format!("{base}/ready"))
+            .timeout(Duration::from_secs(1))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+fn sh(cmd: &str, id: u64) -> Result<()> {
+    let cmd = cmd.replace("{id}", &id.to_string());
+    let st = std::process::Command::new("sh").arg("-c").arg(&cmd).status()?;
+    if !st.success() {
+        bail!("`{cmd}` failed: {st}");
+    }
+    Ok(())
+}
+
+async fn failover(http: &reqwest::Client, nodes: &[String], rounds: usize, kill: &str, start: &str) -> Result<Value> {
+    let mut gaps = Vec::new();
+    for round in 1..=rounds {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !all_ready(http, nodes).await {
+            if Instant::now() > deadline {
+                bail!("cluster not ready before round {round}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (leader, leader_idx) = find_leader(http, nodes).await.context("no leader")?;
+        let survivors: Vec<String> =
+            nodes.iter().enumerate().filter(|(i, _)| *i != leader_idx).map(|(_, n)| n.clone()).collect();
+        // Warm the survivors' connections, then kill and time the first
+        // acknowledged submit through a survivor.
+        for s in &survivors {
+            submit_once(http, s, 0).await.ok();
+        }
+        sh(kill, leader)?;
+        let killed = Instant::now();
+        let mut i = 0u64;
+        loop {
+            let base = &survivors[i as usize % survivors.len()];
+            i += 1;
+            let attempt = tokio::time::timeout(Duration::from_secs(5), submit_once(http, base, i)).await;
+            if matches!(attempt, Ok(Ok(()))) {
+                break;
+            }
+            if killed.elapsed() > Duration::from_secs(60) {
+                bail!("no submit acknowledged within 60 s of killing the leader");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let gap = killed.elapsed();
+        gaps.push(gap);
+        eprintln!(
+            "round {round}: killed leader {leader}; writes acknowledged again after {:.0} ms",
+            gap.as_secs_f64() * 1e3
+        );
+        sh(start, leader)?;
+    }
+    gaps.sort();
+    let fig = json!({
+        "mode": "failover", "rounds": rounds,
+        "medianMs": percentile(&gaps, 0.5), "maxMs": percentile(&gaps, 1.0), "minMs": percentile(&gaps, 0.0),
+    });
+    println!(
+        "failover rounds={rounds} median {:.0} ms  min {:.0} ms  max {:.0} ms",
+        percentile(&gaps, 0.5),
+        percentile(&gaps, 0.0),
+        percentile(&gaps, 1.0)
+    );
+    Ok(fig)
+}

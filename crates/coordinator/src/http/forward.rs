@@ -1,0 +1,201 @@
+//! Relays API requests from a follower to the leader (see the module docs of
+//! [`super`] for the rule). The leader's response is passed back unchanged.
+
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::error::{ApiError, NotLeaderMarker};
+use crate::node::{Leadership, SharedNode};
+
+pub const HOPS_HEADER: &str = "x-jobsched-hops";
+/// A request is relayed at most this many times.
+const MAX_HOPS: u32 = 2;
+/// How long a request waits for an election to produce a leader.
+const LEADER_WAIT: Duration = Duration::from_secs(3);
+/// Upper bound for a relayed request: the longest long poll plus a write.
+const RELAY_TIMEOUT: Duration = Duration::from_secs(90);
+
+fn served_locally(method: &Method, uri: &Uri) -> bool {
+    let path = uri.path();
+    if path == "/api/cluster" || path.starts_with("/api/debug/") {
+        return true;
+    }
+    // Stale reads are the documented way to read without asking the leader.
+    *method == Method::GET && uri.query().is_some_and(|q| q.split('&').any(|kv| kv == "stale=true" || kv == "stale=1"))
+}
+
+pub async fn forward_to_leader(State(node): State<SharedNode>, req: Request, next: Next) -> Response {
+    if served_locally(req.method(), req.uri()) {
+        return next.run(req).await;
+    }
+    let hops: u32 =
+        req.headers().get(HOPS_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
+
+    let (parts, body) = req.into_parts();
+    // Buffer the body so it can be relayed if leadership moves mid-request.
+    let limit = node.config.max_body_bytes;
+    let bytes = match read_limited(body, limit).await {
+        Some(b) => b,
+        None => return ApiError::TooLarge(limit).into_response(),
+    };
+
+    match node.wait_for_leader(LEADER_WAIT).await {
+        Leadership::Me => {
+            let req = Request::from_parts(parts.clone(), Body::from(bytes.clone()));
+            let resp = next.run(req).await;
+            if resp.extensions().get::<NotLeaderMarker>().is_none() || hops >= MAX_HOPS {
+                return resp;
+            }
+            // Lost leadership while handling: relay to whoever leads now.
+            match node.wait_for_leader(LEADER_WAIT).await {
+                Leadership::Other { addr, .. } => {
+                    relay_with_failover(&node, addr, &parts.method, &parts.uri, &parts.headers, bytes, hops).await
+                }
+                _ => ApiError::NoLeader { leader: None }.into_response(),
+            }
+        }
+        Leadership::Other { addr, .. } if hops < MAX_HOPS => {
+            relay_with_failover(&node, addr, &parts.method, &parts.uri, &parts.headers, bytes, hops).await
+        }
+        Leadership::Other { addr, .. } => ApiError::NoLeader { leader: Some(addr) }.into_response(),
+        Leadership::Unknown => ApiError::NoLeader { leader: None }.into_response(),
+    }
+}
+
+/// Relay to the leader; if the leader cannot even be connected to (it died),
+/// wait for the cluster to elect another and relay there. Retrying is safe
+/// only because a refused connection means the request was never delivered.
+async fn relay_with_failover(
+    node: &SharedNode,
+    mut leader_addr: String,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Bytes,
+    hops: u32,
+) -> Response {
+    let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+    loop {
+        match relay(node, &leader_addr, method, uri, headers, body.clone(), hops).await {
+            Err(RelayError::NotDelivered) if tokio::time::Instant::now() < deadline => {
+                // Wait until this node sees a different leader (or itself).
+                let mut rx = node.raft.metrics();
+                let changed = tokio::time::timeout_at(deadline, async {
+                    loop {
+                        match node.leadership() {
+                            Leadership::Other { addr, .. } if addr != leader_addr => return Some(addr),
+                            Leadership::Me => return None,
+                            _ => {}
+                        }
+                        if rx.changed().await.is_err() {
+                            return None;
+                        }
+                    }
+                })
+                .await;
+                match changed {
+                    Ok(Some(addr)) => leader_addr = addr,
+                    // This node became leader: let the client retry here.
+                    _ => return ApiError::NoLeader { leader: None }.into_response(),
+                }
+            }
+            Err(RelayError::NotDelivered) => return ApiError::NoLeader { leader: Some(leader_addr) }.into_response(),
+            // Delivered but unanswered: the write may have happened.
+            Err(RelayError::Unknown) => return ApiError::Timeout.into_response(),
+            Ok(resp) => return resp,
+        }
+    }
+}
+
+enum RelayError {
+    /// The connection could not be made: the leader never saw the request.
+    NotDelivered,
+    /// Sent, but no complete answer: the outcome is unknown.
+    Unknown,
+}
+
+/// Read the whole body if it fits in `limit`. An oversized body is still
+/// read (and dropped) up to a bound so the client, still sending, gets to
+/// read our 413 instead of a reset connection.
+async fn read_limited(body: Body, limit: usize) -> Option<Bytes> {
+    use futures::StreamExt;
+    let drain_bound = limit.saturating_mul(16);
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let Ok(chunk) = chunk else { return None };
+        seen = seen.saturating_add(chunk.len());
+        if seen <= limit {
+            buf.extend_from_slice(&chunk);
+        } else if seen > drain_bound {
+            return None;
+        }
+    }
+    (seen <= limit).then(|| Bytes::from(buf))
+}
+
+/// Headers worth passing on in each direction.
+const REQUEST_HEADERS: [&str; 3] = ["content-type", "idempotency-key", "accept"];
+const RESPONSE_HEADERS: [&str; 3] = ["content-type", "location", "retry-after"];
+
+async fn relay(
+    node: &SharedNode,
+    leader_addr: &str,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Bytes,
+    hops: u32,
+) -> Result<Response, RelayError> {
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let url = format!("http://{leader_addr}{path}");
+    let mut rb = node
+        .http
+        .request(method.clone(), &url)
+        .timeout(RELAY_TIMEOUT)
+        .header(HOPS_HEADER, (hops + 1).to_string())
+        .body(body);
+    for name in REQUEST_HEADERS {
+        if let Some(v) = headers.get(name) {
+            rb = rb.header(name, v.clone());
+        }
+    }
+    let resp = match rb.send().await {
+        Ok(r) => r,
+        Err(e) if e.is_connect() => {
+            tracing::debug!(leader = leader_addr, "leader unreachable: {e}");
+            return Err(RelayError::NotDelivered);
+        }
+        Err(e) => {
+            tracing::warn!(leader = leader_addr, "relay to leader failed: {e}");
+            return Err(RelayError::Unknown);
+        }
+    };
+    let status = resp.status();
+    let mut out_headers = HeaderMap::new();
+    for name in RESPONSE_HEADERS {
+        if let Some(v) = resp.headers().get(name) {
+            if let Ok(v) = HeaderValue::from_bytes(v.as_bytes()) {
+                out_headers.insert(HeaderName::from_static(name), v);
+            }
+        }
+    }
+    match resp.bytes().await {
+        Ok(b) => {
+            let mut r = Response::new(Body::from(b));
+            *r.status_mut() = status;
+            *r.headers_mut() = out_headers;
+            Ok(r)
+        }
+        Err(e) => {
+            tracing::warn!(leader = leader_addr, "relay response failed: {e}");
+            Err(RelayError::Unknown)
+        }
+    }
+}

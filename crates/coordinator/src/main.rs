@@ -1,0 +1,55 @@
+//! `jobsched-coordinator`: runs one coordinator node. See the README for the
+//! configuration reference.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use jobsched_coordinator::config::Subcommand;
+use jobsched_coordinator::{Config, Flags};
+
+fn main() -> ExitCode {
+    let flags = Flags::parse();
+    if let Some(Subcommand::Healthcheck { addr: Some(addr) }) = &flags.command {
+        return match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt.block_on(healthcheck(addr)),
+            Err(_) => ExitCode::FAILURE,
+        };
+    }
+    let config = match Config::load(&flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(Subcommand::Healthcheck { addr }) = &flags.command {
+        let addr = addr.clone().unwrap_or_else(|| config.advertise_addr());
+        return rt.block_on(healthcheck(&addr));
+    }
+    jobsched_coordinator::init_logging(&config.log_format, &config.log_filter);
+    let clock = jobsched_coordinator::system_clock();
+    match rt.block_on(jobsched_coordinator::run(config, clock, jobsched_coordinator::shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("coordinator failed: {e:#}");
+            eprintln!("coordinator failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn healthcheck(addr: &str) -> ExitCode {
+    let client = reqwest::Client::new();
+    match client.get(format!("http://{addr}/health")).timeout(Duration::from_secs(3)).send().await {
+        Ok(r) if r.status().is_success() => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
+    }
+}

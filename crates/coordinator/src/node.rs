@@ -1,0 +1,229 @@
+//! One coordinator node: opens storage, starts Raft, the HTTP server and the
+//! leader monitors, and shuts them down in order.
+//!
+//! [`Node`] is the shared application state handed to every HTTP handler.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jobsched_core::{Batch, Command, Outcome};
+use jobsched_core::{KvError, KvRead, Reader};
+use jobsched_raft::{Raft, SmKv, TypeConfig};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ServerState};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::http::error::ApiError;
+use crate::proposer::{Clock, ProposeError, Proposer};
+
+/// What the HTTP layer and the monitors share.
+pub struct Node {
+    pub id: u64,
+    pub addr: String,
+    pub config: Config,
+    pub raft: Raft,
+    /// Read access to the local state machine (consistent snapshots).
+    pub sm: SmKv,
+    /// Last applied log index; bumped after every apply (wakes long polls).
+    pub applied: watch::Receiver<u64>,
+    pub proposer: Proposer,
+    /// One HTTP client per process: Raft RPCs and forwarding share its pool.
+    pub http: reqwest::Client,
+    pub clock: Clock,
+    /// Flips to true when the node starts shutting down (ends long polls).
+    pub stopping: watch::Receiver<bool>,
+}
+
+pub type SharedNode = Arc<Node>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("forward to leader {leader_addr:?}")]
+    ForwardToLeader { leader_addr: Option<String> },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Propose a batch and return one outcome per command.
+pub async fn client_write(raft: &Raft, batch: Batch) -> Result<Vec<Outcome>, WriteError> {
+    match raft.client_write(batch).await {
+        Ok(resp) => Ok(resp.data),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            Err(WriteError::ForwardToLeader { leader_addr: f.leader_node.map(|n| n.addr) })
+        }
+        Err(e) => Err(WriteError::Other(e.to_string())),
+    }
+}
+
+/// Who leads, as far as this node knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Leadership {
+    Me,
+    Other { id: u64, addr: String },
+    Unknown,
+}
+
+impl Node {
+    /// Run queries against one consistent point-in-time view of the local
+    /// state machine (no apply can interleave between its reads).
+    pub fn read<R>(
+        &self,
+        f: impl for<'a> FnOnce(Reader<'a, dyn KvRead + 'a>) -> Result<R, KvError>,
+    ) -> Result<R, ApiError> {
+        match self.sm.read_consistent(|kv| f(Reader::new(kv))) {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) | Err(e) => Err(ApiError::Internal(e.to_string())),
+        }
+    }
+
+    pub fn now(&self) -> i64 {
+        (self.clock)()
+    }
+
+    pub fn leadership(&self) -> Leadership {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        match m.current_leader {
+            Some(id) if id == self.id && m.state == ServerState::Leader => Leadership::Me,
+            Some(id) if id != self.id => match m.membership_config.membership().get_node(&id) {
+                Some(n) => Leadership::Other { id, addr: n.addr.clone() },
+                None => Leadership::Unknown,
+            },
+            _ => Leadership::Unknown,
+        }
+    }
+
+    /// Wait up to `max` for some leader to be known (elections take a moment;
+    /// waiting here turns a failover into latency instead of an error).
+    pub async fn wait_for_leader(&self, max: Duration) -> Leadership {
+        let deadline = tokio::time::Instant::now() + max;
+        let mut rx = self.raft.metrics();
+        loop {
+            let l = self.leadership();
+            if l != Leadership::Unknown {
+                return l;
+            }
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                return Leadership::Unknown;
+            }
+        }
+    }
+
+    pub fn members(&self) -> BTreeMap<u64, String> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.membership_config.membership().nodes().map(|(id, n)| (*id, n.addr.clone())).collect()
+    }
+
+    /// Propose a command; business rejections become API errors.
+    pub async fn propose(&self, cmd: Command) -> Result<Outcome, ApiError> {
+        match self.proposer.propose(cmd).await {
+            Ok(Outcome::Rejected(r)) => Err(r.into()),
+            Ok(o) => Ok(o),
+            Err(ProposeError::NotLeader { leader }) => Err(ApiError::NotLeader { leader }),
+            Err(ProposeError::Timeout) => Err(ApiError::Timeout),
+            Err(ProposeError::Fatal(m)) => Err(ApiError::Internal(m)),
+        }
+    }
+
+    /// Make the next local read linearizable: confirms leadership with a
+    /// quorum and waits until the state machine has applied up to the commit
+    /// index seen at that moment.
+    pub async fn linearizable_barrier(&self) -> Result<(), ApiError> {
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(ApiError::NotLeader { leader: f.leader_node.map(|n| n.addr) })
+            }
+            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::QuorumNotEnough(_))) => {
+                Err(ApiError::NoLeader { leader: None })
+            }
+            Err(e) => Err(ApiError::Internal(e.to_string())),
+        }
+    }
+}
+
+/// Start a node and run it until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    clock: Clock,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.listen).await?;
+    run_with_listener(config, clock, listener, shutdown).await
+}
+
+/// Like [`run`] with an already bound listener (tests bind port 0 first).
+pub async fn run_with_listener(
+    config: Config,
+    clock: Clock,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let data_dir = config.data_dir();
+    std::fs::create_dir_all(&data_dir)?;
+    let (log_store, sm) = jobsched_raft::open_stores(&data_dir)?;
+    let applied = sm.subscribe_applied();
+    let sm_kv = sm.kv();
+
+    let http = reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(30)).tcp_nodelay(true).build()?;
+    let raft_cfg = Arc::new(jobsched_raft::raft_config(
+        config.heartbeat_ms,
+        config.election_min_ms,
+        config.election_max_ms,
+        config.snapshot_logs,
+    )?);
+    let network = jobsched_raft::Network::new(http.clone());
+    let raft = openraft::Raft::<TypeConfig>::new(config.node_id, raft_cfg, network, log_store, sm).await?;
+
+    // Every node initialises with the same membership; a node that already
+    // has state reports "not allowed" which we treat as success.
+    let members: BTreeMap<u64, BasicNode> =
+        config.members().into_iter().map(|p| (p.id, BasicNode { addr: p.addr })).collect();
+    if let Err(e) = raft.initialize(members).await {
+        tracing::debug!("initialize skipped: {e}");
+    }
+
+    let proposer = Proposer::start(
+        raft.clone(),
+        clock.clone(),
+        config.max_batch,
+        Duration::from_millis(config.propose_timeout_ms),
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let node = Arc::new(Node {
+        id: config.node_id,
+        addr: config.advertise_addr(),
+        config: config.clone(),
+        raft: raft.clone(),
+        sm: sm_kv,
+        applied,
+        proposer,
+        http,
+        clock,
+        stopping: stop_rx.clone(),
+    });
+
+    let monitors = tokio::spawn(crate::leader::run_monitors(node.clone(), stop_rx.clone()));
+    let app = crate::http::router(node.clone());
+    tracing::info!(node_id = node.id, addr = %node.addr, "coordinator listening");
+    let mut server_stop = stop_rx.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = server_stop.wait_for(|s| *s).await;
+    });
+    let server = tokio::spawn(async move { server.await });
+
+    shutdown.await;
+    tracing::info!(node_id = node.id, "shutting down");
+    let _ = stop_tx.send(true);
+    // Long polls end with the server; give in-flight requests a moment.
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    let _ = monitors.await;
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!("raft shutdown: {e}");
+    }
+    Ok(())
+}

@@ -1,0 +1,121 @@
+//! The leader's write path: stamps leader time on commands and proposes them
+//! to Raft, packing concurrent commands into one entry (group commit).
+//!
+//! Why batching: each Raft entry costs one fsync on a quorum. Commands that
+//! arrive while earlier entries are in flight wait in the queue and leave
+//! together as one [`Batch`], so throughput grows with concurrency while a
+//! lone client still pays a single round trip. At most `MAX_IN_FLIGHT`
+//! entries are outstanding; that bound is what lets a queue form.
+//!
+//! Time: `now_ms` is read once per batch on the leader. The state machine
+//! keeps the largest time it has seen, so a new leader with a slower clock
+//! cannot move time backwards.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jobsched_core::{Batch, Command, Outcome};
+use jobsched_raft::Raft;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+/// Wall-clock source in milliseconds since the epoch; injectable for tests.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+pub fn system_clock() -> Clock {
+    Arc::new(|| chrono::Utc::now().timestamp_millis())
+}
+
+/// Raft entries proposed but not yet committed, at most.
+const MAX_IN_FLIGHT: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    #[error("not the leader")]
+    NotLeader { leader: Option<String> },
+    #[error("timed out waiting for commit")]
+    Timeout,
+    #[error("raft failure: {0}")]
+    Fatal(String),
+}
+
+struct Pending {
+    cmd: Command,
+    reply: oneshot::Sender<Result<Outcome, ProposeError>>,
+}
+
+#[derive(Clone)]
+pub struct Proposer {
+    tx: mpsc::Sender<Pending>,
+    timeout: Duration,
+}
+
+impl Proposer {
+    pub fn start(raft: Raft, clock: Clock, max_batch: usize, timeout: Duration) -> Proposer {
+        let (tx, rx) = mpsc::channel(max_batch * MAX_IN_FLIGHT * 4);
+        tokio::spawn(run(raft, clock, rx, max_batch));
+        Proposer { tx, timeout }
+    }
+
+    /// Propose one command and wait for its outcome.
+    pub async fn propose(&self, cmd: Command) -> Result<Outcome, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Pending { cmd, reply }).await.map_err(|_| ProposeError::Fatal("proposer stopped".into()))?;
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ProposeError::Fatal("proposal dropped".into())),
+            Err(_) => Err(ProposeError::Timeout),
+        }
+    }
+}
+
+async fn run(raft: Raft, clock: Clock, mut rx: mpsc::Receiver<Pending>, max_batch: usize) {
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        // Wait for a free slot *before* draining the queue: everything that
+        // arrives meanwhile joins this batch.
+        let Ok(permit) = slots.clone().acquire_owned().await else { break };
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        let now_ms = clock();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let (commands, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+            let n = commands.len();
+            match crate::node::client_write(&raft, Batch { now_ms, commands }).await {
+                Ok(outcomes) if outcomes.len() == n => {
+                    for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                        let _ = reply.send(Ok(outcome));
+                    }
+                }
+                Ok(outcomes) => {
+                    let msg = format!("state machine returned {} outcomes for {n} commands", outcomes.len());
+                    tracing::error!("{msg}");
+                    for reply in replies {
+                        let _ = reply.send(Err(ProposeError::Fatal(msg.clone())));
+                    }
+                }
+                Err(e) => {
+                    let err = match e {
+                        crate::node::WriteError::ForwardToLeader { leader_addr } => {
+                            ProposeError::NotLeader { leader: leader_addr }
+                        }
+                        other => ProposeError::Fatal(other.to_string()),
+                    };
+                    for reply in replies {
+                        let _ = reply.send(Err(match &err {
+                            ProposeError::NotLeader { leader } => ProposeError::NotLeader { leader: leader.clone() },
+                            ProposeError::Timeout => ProposeError::Timeout,
+                            ProposeError::Fatal(m) => ProposeError::Fatal(m.clone()),
+                        }));
+                    }
+                }
+            }
+        });
+    }
+}
