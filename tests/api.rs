@@ -1,0 +1,265 @@
+//! End-to-end API behaviour on a real 3-node cluster (separate processes,
+//! real RocksDB, HTTP on 127.0.0.1).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Cluster, Opts};
+use serde_json::{json, Value};
+
+/// Steps: start 3 nodes; submit the README's curl body on a follower; the
+/// response is 201 with a Pending job; read it back linearizably from every
+/// node and with stale=true from every node once applied; list by status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_on_follower_is_readable_on_every_node() {
+    let c = Cluster::start(Opts::default()).await;
+    let f = c.follower().await;
+    let (st, job) = c
+        .post(
+            f,
+            "/api/jobs",
+            json!({"name":"My Job","type":"sample","payload":"Hello, World!","maxRetries":3,"priority":5}),
+        )
+        .await;
+    assert_eq!(st, 201, "{job}");
+    assert_eq!(job["status"], "Pending");
+    assert_eq!(job["payload"], "Hello, World!");
+    assert_eq!(job["maxRetries"], 3);
+    assert_eq!(job["priority"], 5);
+    let id = job["id"].as_str().unwrap().to_owned();
+
+    for node in c.running() {
+        let (st, got) = c.get(node, &format!("/api/jobs/{id}")).await;
+        assert_eq!(st, 200, "node {node}: {got}");
+        assert_eq!(got["name"], "My Job");
+    }
+    let index = c.max_applied().await;
+    c.wait_applied(index, Duration::from_secs(10)).await;
+    for node in c.running() {
+        let (st, got) = c.get(node, &format!("/api/jobs/{id}?stale=true")).await;
+        assert_eq!(st, 200, "stale read on node {node}: {got}");
+        assert_eq!(got["id"], id.as_str());
+    }
+    let (st, list) = c.get(f, "/api/jobs?status=pending").await;
+    assert_eq!(st, 200);
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
+    assert!(list["nextCursor"].is_null());
+}
+
+/// Steps: register a worker; submit 3 jobs of different priority; acquire
+/// returns the highest priority first with attempt 1 and a fencing token;
+/// complete it (through another node); a second completion with an old
+/// token is 409; the same completion repeated is idempotent (200).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acquire_complete_and_fencing() {
+    let c = Cluster::start(Opts::default()).await;
+    let nodes = c.running();
+    let worker = c.register_worker(nodes[0], &["sample"], 4).await;
+    let low = c.submit(nodes[1], "sample", json!({"priority": 1})).await;
+    let high = c.submit(nodes[2], "sample", json!({"priority": 9})).await;
+    let _other_type = c.submit(nodes[0], "other", json!({"priority": 100})).await;
+
+    let (st, acq) = c.post(nodes[1], "/api/jobs/acquire", json!({"workerId": worker})).await;
+    assert_eq!(st, 200, "{acq}");
+    let jobs = acq["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0]["id"], high["id"]);
+    assert_eq!(jobs[0]["status"], "Running");
+    assert_eq!(jobs[0]["attempt"], 1);
+    let token = jobs[0]["fencingToken"].as_u64().unwrap();
+
+    let path = format!("/api/jobs/{}/complete", high["id"].as_str().unwrap());
+    let (st, done) =
+        c.post(nodes[2], &path, json!({"fencingToken": token, "success": true, "result": {"ok": 1}})).await;
+    assert_eq!(st, 200, "{done}");
+    assert_eq!(done["status"], "Completed");
+    assert_eq!(done["result"], json!({"ok": 1}));
+    // A retried identical report returns the job, not an error.
+    let (st, again) = c.post(nodes[0], &path, json!({"fencingToken": token, "success": true})).await;
+    assert_eq!(st, 200, "{again}");
+    // A wrong token is rejected.
+    let (st, stale) = c.post(nodes[0], &path, json!({"fencingToken": token + 1000, "success": true})).await;
+    assert_eq!(st, 409, "{stale}");
+    assert_eq!(stale["error"]["code"], "stale_token");
+
+    // Next acquire gets the low-priority sample job, never the other type.
+    let (_, acq) = c.post(nodes[0], "/api/jobs/acquire", json!({"workerId": worker, "maxJobs": 4})).await;
+    let ids: Vec<&Value> = acq["jobs"].as_array().unwrap().iter().map(|j| &j["id"]).collect();
+    assert_eq!(ids, vec![&low["id"]]);
+}
+
+/// Steps: submit with a request id twice (on different nodes): one job, the
+/// second answer is 200 with the same id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_id_makes_submit_idempotent() {
+    let c = Cluster::start(Opts::default()).await;
+    let body = json!({"name": "once", "type": "echo", "requestId": "req-42"});
+    let (st1, a) = c.post(1, "/api/jobs", body.clone()).await;
+    let (st2, b) = c.post(2, "/api/jobs", body).await;
+    assert_eq!((st1, st2), (201, 200), "{a} {b}");
+    assert_eq!(a["id"], b["id"]);
+    let (_, list) = c.get(3, "/api/jobs").await;
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
+}
+
+/// Steps: worker acquires with a 1 s lease and never heartbeats; the leader's
+/// lease monitor re-queues the job (Pending, attempt 1 kept, lastError set);
+/// a new acquisition gets attempt 2 and a larger token; the first worker's
+/// late completion is rejected with 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_lease_requeues_and_fences_the_old_holder() {
+    let c = Cluster::start(Opts::default()).await;
+    let w = c.register_worker(1, &["sample"], 1).await;
+    let job = c.submit(2, "sample", json!({"maxRetries": 2})).await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    let (_, acq) = c.post(3, "/api/jobs/acquire", json!({"workerId": w, "leaseSeconds": 1})).await;
+    let token1 = acq["jobs"][0]["fencingToken"].as_u64().expect("acquired");
+
+    let requeued = common::eventually(Duration::from_secs(15), "lease expiry", || async {
+        let (_, j) = c.get(1, &format!("/api/jobs/{id}")).await;
+        (j["status"] == "Pending").then_some(j)
+    })
+    .await;
+    assert_eq!(requeued["attempt"], 1);
+    assert_eq!(requeued["lastError"], "lease expired");
+
+    let w2 = c.register_worker(2, &["sample"], 1).await;
+    let (_, acq2) = c.post(1, "/api/jobs/acquire", json!({"workerId": w2})).await;
+    assert_eq!(acq2["jobs"][0]["attempt"], 2);
+    let token2 = acq2["jobs"][0]["fencingToken"].as_u64().unwrap();
+    assert!(token2 > token1);
+
+    let (st, err) =
+        c.post(2, &format!("/api/jobs/{id}/complete"), json!({"fencingToken": token1, "success": true})).await;
+    assert_eq!(st, 409, "{err}");
+    let (st, _) =
+        c.post(3, &format!("/api/jobs/{id}/complete"), json!({"fencingToken": token2, "success": true})).await;
+    assert_eq!(st, 200);
+}
+
+/// Steps: a failing job with maxRetries 1 fails twice and ends Dead, with a
+/// backoff (Failed, runAt in the future) in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_retry_with_backoff_then_die() {
+    let c = Cluster::start(Opts::default()).await;
+    let w = c.register_worker(1, &["flaky"], 1).await;
+    let job = c.submit(1, "flaky", json!({"maxRetries": 1})).await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    let complete = format!("/api/jobs/{id}/complete");
+
+    let (_, acq) = c.post(2, "/api/jobs/acquire", json!({"workerId": w})).await;
+    let t1 = acq["jobs"][0]["fencingToken"].as_u64().unwrap();
+    let (st, failed) = c.post(2, &complete, json!({"fencingToken": t1, "success": false, "error": "boom"})).await;
+    assert_eq!(st, 200);
+    assert_eq!(failed["status"], "Failed");
+    assert_eq!(failed["lastError"], "boom");
+    // Not acquirable before the backoff passes.
+    let (_, none) = c.post(2, "/api/jobs/acquire", json!({"workerId": w})).await;
+    assert_eq!(none["jobs"].as_array().unwrap().len(), 0);
+    // Long poll until the retry comes due (first backoff is 0.5-1 s).
+    let (_, acq) = c.post(3, "/api/jobs/acquire", json!({"workerId": w, "waitSeconds": 10})).await;
+    assert_eq!(acq["jobs"][0]["attempt"], 2, "{acq}");
+    let t2 = acq["jobs"][0]["fencingToken"].as_u64().unwrap();
+    let (_, dead) = c.post(1, &complete, json!({"fencingToken": t2, "success": false, "error": "boom again"})).await;
+    assert_eq!(dead["status"], "Dead");
+    assert!(dead["completedAt"].is_string());
+}
+
+/// Steps: a long poll on a follower is parked; a submit on another node
+/// wakes it and hands the job over well before the wait ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_poll_acquire_wakes_on_submit() {
+    let c = Cluster::start(Opts::default()).await;
+    let w = c.register_worker(1, &["quick"], 1).await;
+    let f = c.follower().await;
+    let poll = c.post(f, "/api/jobs/acquire", json!({"workerId": w, "waitSeconds": 20}));
+    let submit = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        c.submit(1, "quick", json!({})).await
+    };
+    let started = std::time::Instant::now();
+    let ((st, acq), job) = tokio::join!(poll, submit);
+    assert_eq!(st, 200);
+    assert_eq!(acq["jobs"][0]["id"], job["id"]);
+    assert!(started.elapsed() < Duration::from_secs(10), "long poll did not wake: {:?}", started.elapsed());
+}
+
+/// Steps: send each kind of bad input to a follower and to the leader: the
+/// status and error code match the table, and the job count is unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_json_errors_and_changes_nothing() {
+    let c = Cluster::start(Opts::default()).await;
+    let leader = c.leader(Duration::from_secs(10)).await;
+    let follower = c.follower().await;
+    let w = c.register_worker(leader, &["x"], 1).await;
+    let big_name = "n".repeat(300);
+    let huge = format!("{{\"type\":\"x\",\"payload\":\"{}\"}}", "p".repeat(2 << 20));
+    let unknown = uuid::Uuid::new_v4();
+    for node in [follower, leader] {
+        let complete_unknown = format!("/api/jobs/{unknown}/complete");
+        let cases: Vec<(&str, String, u16, &str)> = vec![
+            ("/api/jobs", "{not json".into(), 400, "invalid_json"),
+            ("/api/jobs", "".into(), 400, "invalid_json"),
+            ("/api/jobs", r#"{"type":""}"#.into(), 422, "validation_failed"),
+            ("/api/jobs", r#"{"name":"x"}"#.into(), 422, "validation_failed"),
+            ("/api/jobs", r#"{"type":"x","maxRetries":-1}"#.into(), 422, "validation_failed"),
+            ("/api/jobs", r#"{"type":"x","priority":100000}"#.into(), 422, "validation_failed"),
+            ("/api/jobs", format!(r#"{{"type":"x","name":"{big_name}"}}"#), 422, "validation_failed"),
+            ("/api/jobs", r#"{"type":"x","maxRetries":"three"}"#.into(), 422, "validation_failed"),
+            ("/api/jobs", huge.clone(), 413, "payload_too_large"),
+            ("/api/jobs/acquire", format!(r#"{{"workerId":"{w}","maxJobs":0}}"#), 422, "validation_failed"),
+            ("/api/jobs/acquire", r#"{"workerId":"nope"}"#.into(), 422, "validation_failed"),
+            ("/api/jobs/acquire", format!(r#"{{"workerId":"{unknown}"}}"#), 404, "not_found"),
+            (&complete_unknown, r#"{"fencingToken":1}"#.into(), 404, "not_found"),
+            ("/api/workers/register", r#"{"name":"w","capacity":-5}"#.into(), 422, "validation_failed"),
+        ];
+        for (path, body, status, code) in cases {
+            let (st, v) = c.post_raw(node, path, body.clone()).await;
+            assert_eq!(st, status, "node {node} POST {path} {}: {v}", &body[..body.len().min(60)]);
+            assert_eq!(v["error"]["code"], code, "node {node} POST {path}: {v}");
+            assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        }
+        let (st, v) = c.get(node, &format!("/api/jobs/{unknown}")).await;
+        assert_eq!((st, v["error"]["code"].as_str()), (404, Some("not_found")));
+        let (st, v) = c.get(node, "/api/jobs/not-a-uuid").await;
+        assert_eq!(st, 400, "{v}");
+        let (st, v) = c.get(node, "/api/jobs?status=Bogus").await;
+        assert_eq!((st, v["error"]["field"].as_str()), (422, Some("status")));
+        let (st, _) = c.get(node, "/api/jobs?limit=0").await;
+        assert_eq!(st, 422);
+    }
+    // The field is named for validation errors.
+    let (_, v) = c.post_raw(leader, "/api/jobs", r#"{"type":"x","maxRetries":-1}"#).await;
+    assert_eq!(v["error"]["field"], "maxRetries");
+    // Nothing was created by any of the bad requests, and all nodes are up.
+    let (_, list) = c.get(follower, "/api/jobs").await;
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 0, "{list}");
+    for node in c.running() {
+        let (st, _) = c.get(node, "/health").await;
+        assert_eq!(st, 200);
+    }
+}
+
+/// Steps: /health, /ready, /api/cluster and the OpenAPI document answer on
+/// every node; exactly one node says Leader; the Swagger UI page loads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_endpoints_and_swagger() {
+    let c = Cluster::start(Opts::default()).await;
+    let mut leaders = 0;
+    for node in c.running() {
+        let (st, v) = c.get(node, "/api/cluster").await;
+        assert_eq!(st, 200);
+        assert_eq!(v["members"].as_array().unwrap().len(), 3);
+        leaders += usize::from(v["role"] == "Leader");
+        let (st, _) = c.get(node, "/ready").await;
+        assert_eq!(st, 200);
+        let (st, doc) = c.get(node, "/api-docs/openapi.json").await;
+        assert_eq!(st, 200);
+        assert!(doc["paths"]["/api/jobs"].is_object());
+    }
+    assert_eq!(leaders, 1);
+    let page = c.http.get(format!("{}/swagger/", c.url(1))).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("swagger"));
+}
