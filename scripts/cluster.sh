@@ -20,6 +20,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
 RUN_DIR=${RUN_DIR:-$ROOT/run}
 PROFILE=${PROFILE:-dev}
 source "$ROOT/scripts/env.sh"
@@ -30,20 +31,28 @@ COORDINATORS=http://127.0.0.1:5001,http://127.0.0.1:5002,http://127.0.0.1:5003
 
 port() { echo $((5000 + $1)); }
 pidfile() { echo "$RUN_DIR/$1.pid"; }
-alive() { local f; f=$(pidfile "$1"); [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null; }
+# Running and not a zombie (a killed process may linger unreaped for a moment).
+alive() {
+  local f st; f=$(pidfile "$1")
+  [ -f "$f" ] || return 1
+  st=$(ps -o stat= -p "$(cat "$f")" 2>/dev/null) || return 1
+  [ -n "$st" ] && [[ "$st" != Z* ]]
+}
 
 build() {
   "$ROOT/scripts/install-deps.sh"
-  (cd "$ROOT" && cargo build --profile "$PROFILE" --bin jobsched-coordinator --bin jobsched-worker --bin jobsched)
+  (cd "$ROOT" && cargo build --profile "$PROFILE" -p jobsched-coordinator -p jobsched-worker -p jobsched-client -p jobsched-bench)
 }
 
 start_node() {
   local n=$1
   if alive "node$n"; then echo "node $n already running (pid $(cat "$(pidfile "node$n")"))"; return; fi
   mkdir -p "$RUN_DIR/node$n"
-  (cd "$ROOT" && JOBSCHED_DATA_DIR="$RUN_DIR/node$n/data" nohup "$BIN_DIR/jobsched-coordinator" \
-      --config "$ROOT/config/node$n.toml" >>"$RUN_DIR/node$n.log" 2>&1 &
-   echo $! >"$(pidfile "node$n")")
+  # Started directly (no subshell) so that $! is the node's own pid, which
+  # `kill` then hits with SIGKILL; no inherited stdout keeps callers waiting.
+  JOBSCHED_DATA_DIR="$RUN_DIR/node$n/data" nohup "$BIN_DIR/jobsched-coordinator" \
+      --config "$ROOT/config/node$n.toml" </dev/null >>"$RUN_DIR/node$n.log" 2>&1 &
+  echo $! >"$(pidfile "node$n")"
   echo "node $n started (pid $(cat "$(pidfile "node$n")"), log $RUN_DIR/node$n.log)"
 }
 
@@ -51,7 +60,7 @@ start_worker() {
   if alive worker; then echo "worker already running"; return; fi
   mkdir -p "$RUN_DIR"
   nohup "$BIN_DIR/jobsched-worker" --coordinators "$COORDINATORS" --name local-worker \
-      >>"$RUN_DIR/worker.log" 2>&1 &
+      </dev/null >>"$RUN_DIR/worker.log" 2>&1 &
   echo $! >"$(pidfile worker)"
   echo "worker started (pid $(cat "$(pidfile worker)"), log $RUN_DIR/worker.log)"
 }
@@ -76,7 +85,7 @@ status() {
     local state="down"
     if alive "node$n"; then
       state=$(curl -fs --max-time 2 "http://127.0.0.1:$(port "$n")/api/cluster" 2>/dev/null \
-        | python3 -c 'import json,sys; c=json.load(sys.stdin); print(f"{c[\"role\"]:9} term={c[\"term\"]} leader={c[\"leaderId\"]} applied={c[\"lastAppliedIndex\"]}")' 2>/dev/null \
+        | python3 -c 'import json,sys; c=json.load(sys.stdin); print("%-9s term=%s leader=%s applied=%s" % (c["role"], c["term"], c["leaderId"], c["lastAppliedIndex"]))' 2>/dev/null \
         || echo "running (not answering)")
     fi
     echo "node $n  127.0.0.1:$(port "$n")  $state"
@@ -122,7 +131,10 @@ case "$cmd" in
   status) status ;;
   leader) leader ;;
   ready) wait_ready "${2:-60}" ;;
-  kill) signal "node${2:?node number}" KILL ;;
+  kill)
+    signal "node${2:?node number}" KILL
+    # Wait until it is really gone so that an immediate `start` works.
+    for _ in $(seq 100); do alive "node$2" || break; sleep 0.05; done ;;
   stop) signal "node${2:?node number}" TERM ;;
   start) start_node "${2:?node number}" ;;
   pause) signal "node${2:?node number}" STOP ;;

@@ -196,17 +196,22 @@ async fn cluster_view(http: &reqwest::Client, base: &str) -> Option<Value> {
     r.json().await.ok()
 }
 
-/// The leader's node id and its index in `nodes`, as reported by any node.
+/// The leader's node id and its index in `nodes`: the node that itself
+/// reports role Leader with the highest term (another node's view of who
+/// leads can be stale right after a restart).
 async fn find_leader(http: &reqwest::Client, nodes: &[String]) -> Option<(u64, usize)> {
-    for base in nodes {
+    let mut best: Option<(u64, u64, usize)> = None;
+    for (i, base) in nodes.iter().enumerate() {
         if let Some(v) = cluster_view(http, base).await {
-            if let (Some(id), Some(addr)) = (v["leaderId"].as_u64(), v["leaderAddr"].as_str()) {
-                let idx = nodes.iter().position(|n| n.ends_with(addr))?;
-                return Some((id, idx));
+            if v["role"] == "Leader" {
+                let (term, id) = (v["term"].as_u64()?, v["nodeId"].as_u64()?);
+                if best.is_none_or(|(t, _, _)| term > t) {
+                    best = Some((term, id, i));
+                }
             }
         }
     }
-    None
+    best.map(|(_, id, i)| (id, i))
 }
 
 async fn all_ready(http: &reqwest::Client, nodes: &[String]) -> bool {

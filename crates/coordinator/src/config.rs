@@ -38,10 +38,15 @@ pub struct Config {
     /// given the same list. Empty: a single-node cluster of this node.
     #[serde(default)]
     pub peers: Vec<Peer>,
-    /// Raft leader heartbeat, milliseconds. Default 150. openraft 0.9 also uses it as
+    /// Raft leader heartbeat, milliseconds. Default 100. openraft 0.9 also uses it as
     /// the append RPC timeout, so it must cover a follower fsync under load.
     pub heartbeat_ms: u64,
-    /// Election timeout range, milliseconds. Default 500..1000.
+    /// Election timeout range, milliseconds. Default 250..400.
+    ///
+    /// Failover arithmetic (openraft 0.9): a follower that knew a leader waits
+    /// its leader lease (= election_max_ms) plus a random election timeout in
+    /// this range before campaigning, so a dead leader is replaced after
+    /// 650-800 ms with the defaults, plus one vote round and one commit.
     pub election_min_ms: u64,
     pub election_max_ms: u64,
     /// Build a snapshot (and purge older log) after this many entries. Default 20000.
@@ -75,9 +80,9 @@ impl Default for Config {
             advertise: None,
             data_dir: None,
             peers: Vec::new(),
-            heartbeat_ms: 150,
-            election_min_ms: 500,
-            election_max_ms: 1000,
+            heartbeat_ms: 100,
+            election_min_ms: 250,
+            election_max_ms: 400,
             snapshot_logs: 20_000,
             worker_timeout_ms: 30_000,
             monitor_interval_ms: 1_000,

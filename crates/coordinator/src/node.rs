@@ -183,8 +183,11 @@ pub async fn run_with_listener(
     // has state reports "not allowed" which we treat as success.
     let members: BTreeMap<u64, BasicNode> =
         config.members().into_iter().map(|p| (p.id, BasicNode { addr: p.addr })).collect();
-    if let Err(e) = raft.initialize(members).await {
-        tracing::debug!("initialize skipped: {e}");
+    if raft.is_initialized().await? {
+        tracing::info!(node_id = config.node_id, "restarting with existing state");
+    } else if let Err(e) = raft.initialize(members).await {
+        // Another node's initialisation may have reached us first.
+        tracing::info!("initialize skipped: {e}");
     }
 
     let proposer = Proposer::start(
