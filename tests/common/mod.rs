@@ -320,6 +320,236 @@ impl Drop for Cluster {
     }
 }
 
+/// Settings of one `jobsched-worker` process started by
+/// [`Cluster::spawn_worker`]. Short defaults suit tests; every field maps to
+/// the flag of the same name.
+#[derive(Clone, Debug)]
+pub struct WorkerOpts {
+    /// `--name`; also names the log file (`worker-<name>.log`).
+    pub name: String,
+    pub capacity: u32,
+    /// `--job-types`; empty: the binary's default (every built-in).
+    pub job_types: Vec<String>,
+    pub lease_seconds: u64,
+    pub heartbeat_interval_seconds: f64,
+    pub poll_wait_seconds: f64,
+    pub drain_timeout_seconds: f64,
+    pub request_timeout_seconds: f64,
+    /// `RUST_LOG` of the worker (its log is JSON, one event a line).
+    pub rust_log: String,
+}
+
+impl WorkerOpts {
+    pub fn new(name: &str) -> WorkerOpts {
+        WorkerOpts {
+            name: name.to_owned(),
+            capacity: 4,
+            job_types: Vec::new(),
+            lease_seconds: 10,
+            heartbeat_interval_seconds: 1.0,
+            poll_wait_seconds: 5.0,
+            drain_timeout_seconds: 5.0,
+            request_timeout_seconds: 5.0,
+            rust_log: "info".to_owned(),
+        }
+    }
+
+    pub fn job_types(mut self, types: &[&str]) -> Self {
+        self.job_types = types.iter().map(|t| t.to_string()).collect();
+        self
+    }
+
+    pub fn capacity(mut self, capacity: u32) -> Self {
+        self.capacity = capacity;
+        self
+    }
+
+    /// Lease length and heartbeat interval together (the worker requires the
+    /// heartbeat to come at least twice per lease).
+    pub fn lease(mut self, lease_seconds: u64, heartbeat_interval_seconds: f64) -> Self {
+        self.lease_seconds = lease_seconds;
+        self.heartbeat_interval_seconds = heartbeat_interval_seconds;
+        self
+    }
+}
+
+/// A `jobsched-worker` process. Killed (SIGCONT + SIGKILL) when dropped; its
+/// log tail is printed when the test is failing.
+pub struct WorkerProc {
+    /// The worker id it registers under (`--worker-id`).
+    pub id: String,
+    pub name: String,
+    pub child: Option<Child>,
+    pub log_path: PathBuf,
+}
+
+impl Cluster {
+    /// Comma-separated base URLs of all nodes (running or not).
+    pub fn coordinators(&self) -> String {
+        self.nodes.values().map(NodeProc::url).collect::<Vec<_>>().join(",")
+    }
+
+    /// Start a `jobsched-worker` process pointed at every node.
+    pub fn spawn_worker(&self, opts: &WorkerOpts) -> WorkerProc {
+        let id = uuid::Uuid::new_v4().to_string();
+        let log_path = self.dir.path().join(format!("worker-{}.log", opts.name));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).expect("worker log file");
+        let mut cmd = Command::new(bin("jobsched-worker"));
+        cmd.arg("--coordinators")
+            .arg(self.coordinators())
+            .arg("--worker-id")
+            .arg(&id)
+            .arg("--name")
+            .arg(&opts.name)
+            .arg("--capacity")
+            .arg(opts.capacity.to_string())
+            .arg("--lease-seconds")
+            .arg(opts.lease_seconds.to_string())
+            .arg("--heartbeat-interval-seconds")
+            .arg(opts.heartbeat_interval_seconds.to_string())
+            .arg("--poll-wait-seconds")
+            .arg(opts.poll_wait_seconds.to_string())
+            .arg("--drain-timeout-seconds")
+            .arg(opts.drain_timeout_seconds.to_string())
+            .arg("--request-timeout-seconds")
+            .arg(opts.request_timeout_seconds.to_string())
+            .arg("--log-format")
+            .arg("json");
+        if !opts.job_types.is_empty() {
+            cmd.arg("--job-types").arg(opts.job_types.join(","));
+        }
+        for (k, _) in std::env::vars() {
+            if k.starts_with("JOBSCHED_") {
+                cmd.env_remove(k);
+            }
+        }
+        let child = cmd
+            .env("RUST_LOG", &opts.rust_log)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn worker");
+        WorkerProc { id, name: opts.name.clone(), child: Some(child), log_path }
+    }
+}
+
+impl WorkerProc {
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    fn signal(&self, sig: i32) {
+        if let Some(pid) = self.pid() {
+            unsafe { libc::kill(pid, sig) };
+        }
+    }
+
+    /// `kill -9` and reap. Like a real `kill -9`, it leaves the processes of
+    /// running `shell` jobs behind (they have their own process groups).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn sigterm(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    /// Still running (not exited)?
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Wait (polling) for the process to exit; panics after `max`.
+    pub async fn wait_exit(&mut self, max: Duration) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("worker process");
+        let deadline = tokio::time::Instant::now() + max;
+        loop {
+            if let Some(st) = c.try_wait().expect("try_wait") {
+                return st;
+            }
+            if tokio::time::Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("worker {} did not exit within {max:?}; log:\n{}", self.name, self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM, then wait for the exit.
+    pub async fn stop(&mut self, max: Duration) -> std::process::ExitStatus {
+        self.sigterm();
+        self.wait_exit(max).await
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The log's JSON events, in order (lines that are not JSON are skipped).
+    pub fn events(&self) -> Vec<Value> {
+        self.log().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+
+    /// Events with this message logged inside the `job` span of `job_id`.
+    pub fn job_events(&self, job_id: &str, message: &str) -> Vec<Value> {
+        self.events().into_iter().filter(|e| e["message"] == message && event_job_id(e) == Some(job_id)).collect()
+    }
+}
+
+/// The job id of the `job` span an event was logged in, if any.
+pub fn event_job_id(e: &Value) -> Option<&str> {
+    e["spans"].as_array()?.iter().find(|s| s["name"] == "job").and_then(|s| s["job_id"].as_str())
+}
+
+impl Drop for WorkerProc {
+    /// Stops a worker the test left running. Jobs' processes run in their
+    /// own process groups and would outlive a SIGKILL of the worker, so first
+    /// use the binary's own fast exit: a second SIGTERM kills them and exits.
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = c.id() as i32;
+            let running = |c: &mut Child| matches!(c.try_wait(), Ok(None));
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+            if running(&mut c) {
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+                // The second signal counts only once the first was handled.
+                let until = std::time::Instant::now() + Duration::from_secs(1);
+                while running(&mut c) && !self.log().contains("shutdown signal") && std::time::Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+                let until = std::time::Instant::now() + Duration::from_secs(2);
+                while running(&mut c) && std::time::Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("---- worker {} log tail ----", self.name);
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
 /// Poll `f` until it returns Some, or panic after `max`.
 pub async fn eventually<T, F, Fut>(max: Duration, what: &str, mut f: F) -> T
 where

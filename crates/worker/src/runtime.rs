@@ -8,7 +8,10 @@
 //!   permit from before its acquisition until its result is reported.
 //! - A job is in the `held` map (and so in every heartbeat, which extends its
 //!   lease) from its acquisition until its result is reported, released or
-//!   dropped; a drop guard removes it even if its task panics.
+//!   dropped; a drop guard removes it even if its task panics. The map holds
+//!   the newest attempt of each job: acquiring a job again (new token) stops
+//!   the run under the old token as revoked, and the old run's guard leaves
+//!   the new entry alone.
 //! - Results always carry the attempt's fencing token. A result whose lease
 //!   was revoked is dropped, never reported; a 409 on complete is logged and
 //!   dropped; other failures are retried until the lease would be gone.
@@ -386,15 +389,20 @@ struct Inner {
     register_lock: tokio::sync::Mutex<()>,
 }
 
-/// Removes a job from `held` when its task ends, however it ends.
+/// Removes a job from `held` when its task ends, however it ends; but only
+/// its own entry: a later attempt of the same job may have replaced it.
 struct HeldGuard {
     inner: Arc<Inner>,
     job_id: Uuid,
+    token: u64,
 }
 
 impl Drop for HeldGuard {
     fn drop(&mut self) {
-        lock(&self.inner.held).remove(&self.job_id);
+        let mut held = lock(&self.inner.held);
+        if held.get(&self.job_id).is_some_and(|h| h.token == self.token) {
+            held.remove(&self.job_id);
+        }
     }
 }
 
@@ -608,8 +616,15 @@ impl Inner {
             reason: Mutex::new(None),
             lease_deadline: Mutex::new(sent_at + self.lease),
         });
-        lock(&self.held).insert(job.id, held.clone());
-        let guard = HeldGuard { inner: self.clone(), job_id: job.id };
+        let stale = lock(&self.held).insert(job.id, held.clone());
+        if let Some(stale) = stale.filter(|s| s.token != token) {
+            // The cluster leased this job to us again (e.g. the old lease
+            // expired while this process was stopped and a long poll took it
+            // back): the old attempt's lease is gone for sure.
+            warn!(job_id = %job.id, stale_token = stale.token, token, "job acquired again; stopping its stale run");
+            stale.stop(StopReason::Revoked);
+        }
+        let guard = HeldGuard { inner: self.clone(), job_id: job.id, token };
         let span = tracing::info_span!("job", job_id = %job.id, job_type = %job.job_type, attempt = job.attempt, token);
         let inner = self.clone();
         tasks.spawn(
