@@ -4,6 +4,9 @@
 //! Modes:
 //! * `submit`: closed loop, C concurrent clients, for T seconds (or N jobs):
 //!   throughput and latency percentiles of `POST /api/jobs`.
+//! * `pickup`: one idle worker long-polls; N times, submit a job and time
+//!   from the submit's acknowledgement (and from its send) to the moment the
+//!   worker's acquire returns with it.
 //! * `failover`: R rounds of "kill -9 the leader with a command you give,
 //!   measure the time until a submit is acknowledged again, restart it".
 //!
@@ -53,6 +56,11 @@ enum Mode {
         #[arg(long)]
         node: Option<usize>,
     },
+    /// Pickup latency: submit -> acquire on an idle long-polling worker.
+    Pickup {
+        #[arg(long, short = 'n', default_value_t = 200)]
+        samples: usize,
+    },
     /// Kill the leader R times and measure write unavailability.
     Failover {
         #[arg(long, default_value_t = 10)]
@@ -78,6 +86,7 @@ async fn main() -> Result<()> {
         Mode::Submit { concurrency, duration, total, node } => {
             submit(&http, &cli.coordinators, *concurrency, *duration, *total, *node).await?
         }
+        Mode::Pickup { samples } => pickup(&http, &cli.coordinators, *samples).await?,
         Mode::Failover { rounds, kill_cmd, start_cmd } => {
             failover(&http, &cli.coordinators, *rounds, kill_cmd, start_cmd).await?
         }
@@ -187,6 +196,73 @@ async fn submit(
         percentile(&all, 0.99),
         percentile(&all, 1.0),
         errors.load(Ordering::Relaxed)
+    );
+    Ok(fig)
+}
+
+async fn post_json(http: &reqwest::Client, url: String, body: Value) -> Result<Value> {
+    let r = http.post(url).json(&body).send().await?;
+    let status = r.status();
+    let v: Value = r.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        bail!("{status}: {v}");
+    }
+    Ok(v)
+}
+
+async fn pickup(http: &reqwest::Client, nodes: &[String], samples: usize) -> Result<Value> {
+    let job_type = format!("pickup-{}", uuid::Uuid::new_v4());
+    let worker = post_json(
+        http,
+        format!("{}/api/workers/register", nodes[0]),
+        json!({"name": "bench-pickup", "capacity": 1, "jobTypes": [job_type]}),
+    )
+    .await?;
+    let worker_id = worker["id"].as_str().context("worker id")?.to_owned();
+    let mut from_ack = Vec::with_capacity(samples);
+    let mut from_send = Vec::with_capacity(samples);
+    for i in 0..samples {
+        // The worker polls one node, the client submits through another.
+        let poll_node = nodes[i % nodes.len()].clone();
+        let submit_node = nodes[(i + 1) % nodes.len()].clone();
+        let (h, wid) = (http.clone(), worker_id.clone());
+        let poll = tokio::spawn(async move {
+            let v = post_json(&h, format!("{poll_node}/api/jobs/acquire"), json!({"workerId": wid, "waitSeconds": 10}))
+                .await;
+            (Instant::now(), v)
+        });
+        // Let the long poll park on the leader before submitting.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let sent = Instant::now();
+        post_json(http, format!("{submit_node}/api/jobs"), json!({"type": job_type, "payload": {"i": i}})).await?;
+        let acked = Instant::now();
+        let (picked, acquired) = poll.await?;
+        let acquired = acquired?;
+        let job = &acquired["jobs"][0];
+        let id = job["id"].as_str().context("acquire returned no job")?;
+        from_ack.push(picked.saturating_duration_since(acked));
+        from_send.push(picked.saturating_duration_since(sent));
+        post_json(
+            http,
+            format!("{}/api/jobs/{id}/complete", nodes[0]),
+            json!({"fencingToken": job["fencingToken"], "success": true}),
+        )
+        .await?;
+    }
+    let _ = http.delete(format!("{}/api/workers/{worker_id}", nodes[0])).send().await;
+    from_ack.sort();
+    from_send.sort();
+    let fig = json!({
+        "mode": "pickup", "samples": samples,
+        "fromAckP50Ms": percentile(&from_ack, 0.5), "fromAckP99Ms": percentile(&from_ack, 0.99),
+        "fromSendP50Ms": percentile(&from_send, 0.5), "fromSendP99Ms": percentile(&from_send, 0.99),
+    });
+    println!(
+        "pickup n={samples}  after submit ack: p50 {:.2} ms  p99 {:.2} ms  |  after submit sent: p50 {:.2} ms  p99 {:.2} ms",
+        percentile(&from_ack, 0.5),
+        percentile(&from_ack, 0.99),
+        percentile(&from_send, 0.5),
+        percentile(&from_send, 0.99)
     );
     Ok(fig)
 }
