@@ -97,23 +97,7 @@ async fn leader_kill_loses_no_acknowledged_job() {
     }
     let unique: BTreeSet<&String> = ids.iter().collect();
     assert_eq!(unique.len(), ids.len(), "a retried request id created a second job");
-    assert_digests_equal(&c).await;
-}
-
-async fn assert_digests_equal(c: &Cluster) {
-    let index = c.max_applied().await;
-    c.wait_applied(index, Duration::from_secs(20)).await;
-    common::eventually(Duration::from_secs(20), "equal digests", || async {
-        let mut seen = BTreeSet::new();
-        let mut indexes = BTreeSet::new();
-        for node in c.running() {
-            let d = c.digest(node).await;
-            seen.insert(d["digest"].as_str().unwrap_or("").to_owned());
-            indexes.insert(d["appliedIndex"].as_u64());
-        }
-        (seen.len() == 1 && indexes.len() == 1).then_some(())
-    })
-    .await;
+    c.assert_digests_equal().await;
 }
 
 /// Steps: create jobs and a worker holding a lease; kill -9 all three
@@ -146,7 +130,7 @@ async fn full_cluster_restart_keeps_state() {
     let (_, workers) = c.get(2, "/api/workers").await;
     assert_eq!(workers["workers"][0]["id"], w.as_str());
     c.submit(2, "t", json!({})).await;
-    assert_digests_equal(&c).await;
+    c.assert_digests_equal().await;
 }
 
 /// Steps: with snapshots every 50 entries, stop one follower, write 400
@@ -177,7 +161,7 @@ async fn lagging_node_catches_up_by_snapshot() {
     assert!(view["snapshotIndex"].as_u64().unwrap_or(0) > 50, "no snapshot taken: {view}");
     c.start_node(f);
     c.wait_ready(Duration::from_secs(60)).await;
-    assert_digests_equal(&c).await;
+    c.assert_digests_equal().await;
     let (_, list) = c.get(f, "/api/jobs?stale=true&limit=1000").await;
     assert_eq!(list["jobs"].as_array().unwrap().len(), 400);
 }
@@ -213,5 +197,5 @@ async fn graceful_shutdown_and_no_quorum_writes() {
     c.wait_ready(Duration::from_secs(30)).await;
     let (st, _) = c.get(f, &format!("/api/jobs/{}", job["id"].as_str().unwrap())).await;
     assert_eq!(st, 200);
-    assert_digests_equal(&c).await;
+    c.assert_digests_equal().await;
 }

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -46,23 +46,10 @@ async fn wait_job(c: &Cluster, id: &str, what: &str, max: Duration, pred: impl F
 /// Every job in the cluster by id (one list call; tests stay below 1000).
 async fn all_jobs(c: &Cluster, status: Option<&str>) -> Option<BTreeMap<String, Value>> {
     let query = status.map(|s| format!("&status={s}")).unwrap_or_default();
-    for node in c.running() {
-        let r = c
-            .http
-            .get(format!("{}/api/jobs?limit=1000{query}", c.url(node)))
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await;
-        if let Ok(r) = r {
-            if r.status().as_u16() == 200 {
-                let v: Value = r.json().await.ok()?;
-                let jobs = v["jobs"].as_array()?;
-                assert!(v["nextCursor"].is_null(), "more than 1000 jobs");
-                return Some(jobs.iter().map(|j| (j["id"].as_str().unwrap_or("").to_owned(), j.clone())).collect());
-            }
-        }
-    }
-    None
+    let v = c.get_any(&format!("/api/jobs?limit=1000{query}")).await?;
+    let jobs = v["jobs"].as_array()?;
+    assert!(v["nextCursor"].is_null(), "more than 1000 jobs");
+    Some(jobs.iter().map(|j| (j["id"].as_str().unwrap_or("").to_owned(), j.clone())).collect())
 }
 
 /// Wait until every job in the cluster is Completed or Dead.
@@ -76,21 +63,7 @@ async fn wait_all_finished(c: &Cluster, max: Duration) -> BTreeMap<String, Value
 
 /// `GET /api/workers?status=..` from the first node that answers.
 async fn workers(c: &Cluster, status: &str) -> Option<Vec<Value>> {
-    for node in c.running() {
-        let r = c
-            .http
-            .get(format!("{}/api/workers?status={status}", c.url(node)))
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await;
-        if let Ok(r) = r {
-            if r.status().as_u16() == 200 {
-                let v: Value = r.json().await.ok()?;
-                return v["workers"].as_array().cloned();
-            }
-        }
-    }
-    None
+    c.get_any(&format!("/api/workers?status={status}")).await?["workers"].as_array().cloned()
 }
 
 /// The worker with this id in the `status` listing, once it is there.
@@ -203,24 +176,6 @@ fn job_process_alive(pid: i32) -> bool {
 async fn wait_sleeping(pid: i32) {
     eventually(Duration::from_secs(20), &format!("process {pid} running sleep"), || async {
         process(pid).is_some_and(|(comm, _)| comm == "sleep").then_some(())
-    })
-    .await;
-}
-
-/// Wait until all running nodes are at the same applied index with equal
-/// state digests.
-async fn assert_digests_equal(c: &Cluster) {
-    let index = c.max_applied().await;
-    c.wait_applied(index, Duration::from_secs(30)).await;
-    eventually(Duration::from_secs(30), "equal digests on every node", || async {
-        let mut seen = BTreeSet::new();
-        let mut indexes = BTreeSet::new();
-        for node in c.running() {
-            let d = c.digest(node).await;
-            seen.insert(d["digest"].as_str().unwrap_or("").to_owned());
-            indexes.insert(d["appliedIndex"].as_u64());
-        }
-        (seen.len() == 1 && indexes.len() == 1 && c.running().len() == 3).then_some(())
     })
     .await;
 }
@@ -469,7 +424,7 @@ async fn leader_kill_while_workers_run_loses_and_doubles_nothing() {
         }
     }
     eprintln!("{} jobs ({} acknowledged), {reruns} needed more than one attempt", all.len(), acked.len());
-    assert_digests_equal(&c).await;
+    c.assert_digests_equal().await;
 }
 
 /// Steps: a worker (capacity 3, drain timeout 3 s, lease 30 s) runs two

@@ -293,6 +293,37 @@ impl Cluster {
         v["id"].as_str().expect("worker id").to_owned()
     }
 
+    /// Wait until every node runs, all have applied the same index, and their
+    /// state digests are equal.
+    pub async fn assert_digests_equal(&self) {
+        let index = self.max_applied().await;
+        self.wait_applied(index, Duration::from_secs(30)).await;
+        eventually(Duration::from_secs(30), "equal digests on every node", || async {
+            let mut seen = std::collections::BTreeSet::new();
+            let mut indexes = std::collections::BTreeSet::new();
+            for node in self.running() {
+                let d = self.digest(node).await;
+                seen.insert(d["digest"].as_str().unwrap_or("").to_owned());
+                indexes.insert(d["appliedIndex"].as_u64());
+            }
+            (seen.len() == 1 && indexes.len() == 1 && self.running().len() == self.nodes.len()).then_some(())
+        })
+        .await;
+    }
+
+    /// GET `path` from the first running node that answers 200.
+    pub async fn get_any(&self, path: &str) -> Option<Value> {
+        for node in self.running() {
+            let r = self.http.get(format!("{}{path}", self.url(node))).timeout(Duration::from_secs(5)).send().await;
+            if let Ok(r) = r {
+                if r.status().as_u16() == 200 {
+                    return r.json().await.ok();
+                }
+            }
+        }
+        None
+    }
+
     pub async fn digest(&self, id: u64) -> Value {
         self.get(id, "/api/debug/digest").await.1
     }
