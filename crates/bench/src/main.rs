@@ -290,7 +290,12 @@ async fn find_leader(http: &reqwest::Client, nodes: &[String]) -> Option<(u64, u
     best.map(|(_, id, i)| (id, i))
 }
 
+/// Every node is ready and all have applied the same index: a healthy,
+/// caught-up cluster. (A node still catching up after its restart has a
+/// shorter log; if it campaigns first its election fails and costs a second
+/// election round, which is a different measurement.)
 async fn all_ready(http: &reqwest::Client, nodes: &[String]) -> bool {
+    let mut applied = Vec::new();
     for base in nodes {
         let ok = http
             .get(format!("{base}/ready"))
@@ -301,8 +306,12 @@ async fn all_ready(http: &reqwest::Client, nodes: &[String]) -> bool {
         if !ok {
             return false;
         }
+        match cluster_view(http, base).await {
+            Some(v) => applied.push(v["lastAppliedIndex"].as_u64()),
+            None => return false,
+        }
     }
-    true
+    applied.windows(2).all(|w| w[0] == w[1])
 }
 
 fn sh(cmd: &str, id: u64) -> Result<()> {
@@ -317,6 +326,12 @@ fn sh(cmd: &str, id: u64) -> Result<()> {
 async fn failover(http: &reqwest::Client, nodes: &[String], rounds: usize, kill: &str, start: &str) -> Result<Value> {
     let mut gaps = Vec::new();
     for round in 1..=rounds {
+        // Warm every node's connections, then wait for a healthy, caught-up
+        // cluster, kill the leader and time the first acknowledged submit
+        // through a survivor.
+        for n in nodes {
+            submit_once(http, n, 0).await.ok();
+        }
         let deadline = Instant::now() + Duration::from_secs(60);
         while !all_ready(http, nodes).await {
             if Instant::now() > deadline {
@@ -327,11 +342,6 @@ async fn failover(http: &reqwest::Client, nodes: &[String], rounds: usize, kill:
         let (leader, leader_idx) = find_leader(http, nodes).await.context("no leader")?;
         let survivors: Vec<String> =
             nodes.iter().enumerate().filter(|(i, _)| *i != leader_idx).map(|(_, n)| n.clone()).collect();
-        // Warm the survivors' connections, then kill and time the first
-        // acknowledged submit through a survivor.
-        for s in &survivors {
-            submit_once(http, s, 0).await.ok();
-        }
         sh(kill, leader)?;
         let killed = Instant::now();
         let mut i = 0u64;
