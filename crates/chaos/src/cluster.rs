@@ -1,0 +1,72 @@
+//! Read-only views of the cluster through the public API: who leads, the
+//! full job list (paginated), and the per-node state digests. Shared by the
+//! fault loop and the drain in `run` and by `check`.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use jobsched_api::{ClusterView, DigestView, JobList, JobView};
+
+/// The current leader: among the nodes that answer and say `role=Leader`,
+/// the one with the highest term (a paused or partitioned old leader may
+/// still believe it leads, at a lower term).
+pub async fn leader(http: &reqwest::Client, nodes: &[String]) -> Option<u64> {
+    let mut best: Option<(u64, u64)> = None;
+    for n in nodes {
+        let Ok(r) = http.get(format!("{n}/api/cluster")).timeout(Duration::from_secs(1)).send().await else {
+            continue;
+        };
+        let Ok(c) = r.json::<ClusterView>().await else { continue };
+        if c.role == "Leader" && best.is_none_or(|(t, _)| c.term > t) {
+            best = Some((c.term, c.node_id));
+        }
+    }
+    best.map(|(_, id)| id)
+}
+
+/// Every job in the cluster, in submission order, following `nextCursor`.
+/// Tries the nodes in turn so one dead node does not stop the read.
+pub async fn all_jobs(http: &reqwest::Client, nodes: &[String]) -> Result<Vec<JobView>> {
+    let mut last_err = None;
+    for n in nodes {
+        match all_jobs_from(http, n).await {
+            Ok(j) => return Ok(j),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no coordinators given")))
+}
+
+async fn all_jobs_from(http: &reqwest::Client, node: &str) -> Result<Vec<JobView>> {
+    let mut jobs = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut req = http.get(format!("{node}/api/jobs")).query(&[("limit", "1000")]);
+        if let Some(c) = &cursor {
+            req = req.query(&[("cursor", c.as_str())]);
+        }
+        let r = req.timeout(Duration::from_secs(10)).send().await?;
+        if !r.status().is_success() {
+            bail!("{node}: GET /api/jobs answered {}", r.status());
+        }
+        let page: JobList = r.json().await?;
+        jobs.extend(page.jobs);
+        match page.next_cursor {
+            Some(c) if !c.is_empty() => cursor = Some(c),
+            _ => return Ok(jobs),
+        }
+    }
+}
+
+/// One digest per node; `None` for a node that did not answer.
+pub async fn digests(http: &reqwest::Client, nodes: &[String]) -> Vec<Option<DigestView>> {
+    let mut out = Vec::new();
+    for n in nodes {
+        let d = match http.get(format!("{n}/api/debug/digest")).timeout(Duration::from_secs(5)).send().await {
+            Ok(r) if r.status().is_success() => r.json::<DigestView>().await.ok(),
+            _ => None,
+        };
+        out.push(d);
+    }
+    out
+}

@@ -1,0 +1,523 @@
+//! `run`: the workload. It owns the submitter tasks, the in-process HTTP
+//! workers, the fault loop, the drain and the progress line; every operation
+//! it invokes becomes one `history::Event`.
+//!
+//! Everything talks to the cluster through the public HTTP API only, exactly
+//! like an external client or a worker in another language would, so the
+//! history describes what a user of the cluster could observe.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use jobsched_api::JobView;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::cluster;
+use crate::history::{self, Event, Outcome, Recorder};
+
+pub struct RunArgs {
+    pub coordinators: Vec<String>,
+    pub duration: f64,
+    pub submitters: usize,
+    pub workers: usize,
+    pub history: PathBuf,
+    pub fault_cmds: Vec<String>,
+    pub fault_every: f64,
+    pub drain_timeout: f64,
+    pub op_deadline: f64,
+    pub request_timeout: f64,
+    pub lease_seconds: u64,
+}
+
+#[derive(Default)]
+struct Stats {
+    submit_ok: AtomicU64,
+    submit_failed: AtomicU64,
+    submit_unknown: AtomicU64,
+    /// Individual tries that got a timeout, 5xx or connection error.
+    errors: AtomicU64,
+    acquired: AtomicU64,
+    complete_ok: AtomicU64,
+    complete_rejected: AtomicU64,
+    complete_unknown: AtomicU64,
+    faults: AtomicU64,
+}
+
+struct Ctx {
+    http: reqwest::Client,
+    nodes: Vec<String>,
+    rec: Recorder,
+    /// All history times are measured from here (monotonic clock).
+    t0: Instant,
+    job_name: String,
+    stats: Stats,
+    /// Give up on one logical operation (submit, complete) after this long
+    /// and record its outcome as unknown.
+    op_deadline: Duration,
+    request_timeout: Duration,
+    lease_seconds: u64,
+}
+
+impl Ctx {
+    fn ms(&self) -> u64 {
+        self.t0.elapsed().as_millis() as u64
+    }
+    fn node(&self, i: usize) -> &str {
+        &self.nodes[i % self.nodes.len()]
+    }
+}
+
+fn add(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Sleeps `total` in short steps so a stop request is seen within 100 ms.
+async fn sleep_unless(stop: &AtomicBool, total: Duration) {
+    let end = Instant::now() + total;
+    while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(100).min(end - Instant::now())).await;
+    }
+}
+
+pub async fn run(a: RunArgs) -> Result<()> {
+    let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
+    let run_id = Uuid::new_v4().simple().to_string()[..8].to_string();
+    let (rec, writer) = history::open(&a.history).await?;
+    let ctx = Arc::new(Ctx {
+        http,
+        nodes: a.coordinators.clone(),
+        rec,
+        t0: Instant::now(),
+        job_name: format!("chaos-{run_id}"),
+        stats: Stats::default(),
+        op_deadline: Duration::from_secs_f64(a.op_deadline),
+        request_timeout: Duration::from_secs_f64(a.request_timeout),
+        lease_seconds: a.lease_seconds,
+    });
+    ctx.rec.record(Event::Start {
+        run_id: run_id.clone(),
+        wall_start: chrono::Utc::now().to_rfc3339(),
+        coordinators: a.coordinators.clone(),
+        submitters: a.submitters,
+        workers: a.workers,
+    });
+    println!(
+        "run {run_id}: {} submitters, {} workers, {:.0} s, history {}",
+        a.submitters,
+        a.workers,
+        a.duration,
+        a.history.display()
+    );
+
+    let submit_stop = Arc::new(AtomicBool::new(false));
+    let worker_stop = Arc::new(AtomicBool::new(false));
+    let progress_stop = Arc::new(AtomicBool::new(false));
+
+    let progress = tokio::spawn(progress_loop(ctx.clone(), progress_stop.clone()));
+    let workers: Vec<_> = (0..a.workers).map(|w| tokio::spawn(worker(ctx.clone(), w, worker_stop.clone()))).collect();
+    let submitters: Vec<_> =
+        (0..a.submitters).map(|i| tokio::spawn(submitter(ctx.clone(), i, submit_stop.clone()))).collect();
+    let faults = (!a.fault_cmds.is_empty() && a.fault_every > 0.0)
+        .then(|| tokio::spawn(fault_loop(ctx.clone(), a.fault_cmds.clone(), a.fault_every, submit_stop.clone())));
+
+    tokio::time::sleep(Duration::from_secs_f64(a.duration)).await;
+    submit_stop.store(true, Ordering::Relaxed);
+    ctx.rec.record(Event::SubmitStop { t_ms: ctx.ms() });
+    println!("t={:.1}s: stop submitting; waiting for in-flight submits and faults", ctx.t0.elapsed().as_secs_f64());
+    for s in submitters {
+        s.await?;
+    }
+    // A fault in progress runs to its end (its restart half included), so the
+    // drain starts with every node back.
+    if let Some(f) = faults {
+        f.await?;
+    }
+
+    let (drained, remaining) = drain(&ctx, Duration::from_secs_f64(a.drain_timeout)).await;
+    ctx.rec.record(Event::DrainEnd { t_ms: ctx.ms(), drained, remaining });
+    println!(
+        "t={:.1}s: drain {} ({remaining} of our jobs not terminal)",
+        ctx.t0.elapsed().as_secs_f64(),
+        if drained { "done" } else { "TIMED OUT" }
+    );
+    worker_stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await?;
+    }
+    progress_stop.store(true, Ordering::Relaxed);
+    progress.await?;
+    print_progress(&ctx);
+    // Every Recorder clone lives in `ctx`; dropping the last one ends the writer.
+    drop(ctx);
+    writer.await??;
+    Ok(())
+}
+
+async fn progress_loop(ctx: Arc<Ctx>, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        sleep_unless(&stop, Duration::from_secs(5)).await;
+        if !stop.load(Ordering::Relaxed) {
+            print_progress(&ctx);
+        }
+    }
+}
+
+fn print_progress(ctx: &Ctx) {
+    let s = &ctx.stats;
+    let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    println!(
+        "t={:6.1}s submits ok={} failed={} unknown={} | errors={} | acquired={} completes ok={} rejected={} unknown={} | faults={}",
+        ctx.t0.elapsed().as_secs_f64(),
+        g(&s.submit_ok),
+        g(&s.submit_failed),
+        g(&s.submit_unknown),
+        g(&s.errors),
+        g(&s.acquired),
+        g(&s.complete_ok),
+        g(&s.complete_rejected),
+        g(&s.complete_unknown),
+        g(&s.faults),
+    );
+}
+
+fn error_code(body: &Value) -> Option<String> {
+    body.pointer("/error/code").and_then(Value::as_str).map(str::to_string)
+}
+
+/// Closed loop: one submit at a time, each with a fresh request id that all
+/// of its retries reuse, so a retry can never create a second job.
+async fn submitter(ctx: Arc<Ctx>, i: usize, stop: Arc<AtomicBool>) {
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        seq += 1;
+        // Each submit starts on the next node (round robin), so the load and
+        // the faults' effects are spread over every node instead of all
+        // submitters piling onto whichever node survived the last fault.
+        let mut node_idx = i + seq as usize;
+        let request_id = Uuid::new_v4().to_string();
+        let body = json!({
+            "name": ctx.job_name, "type": "chaos", "payload": {"submitter": i, "seq": seq},
+            "maxRetries": 3, "requestId": request_id,
+        });
+        let invoke_ms = ctx.ms();
+        let deadline = Instant::now() + ctx.op_deadline;
+        let mut tries = 0u32;
+        let mut ambiguous = false;
+        let (outcome, job_id, status, error, node) = loop {
+            tries += 1;
+            let node = ctx.node(node_idx).to_string();
+            let res = ctx.http.post(format!("{node}/api/jobs")).json(&body).timeout(ctx.request_timeout).send().await;
+            let (st, err) = match res {
+                Ok(r) if r.status().is_success() => {
+                    let st = r.status().as_u16();
+                    match r.json::<JobView>().await {
+                        Ok(j) => break (Outcome::Ok, Some(j.id.to_string()), Some(st), None, node),
+                        // The body was lost on the way: the outcome is
+                        // unknown, and a retry will return the same job.
+                        Err(e) => (Some(st), e.to_string()),
+                    }
+                }
+                Ok(r) if r.status().is_server_error() => {
+                    let st = r.status().as_u16();
+                    let code = r.json::<Value>().await.ok().and_then(|b| error_code(&b));
+                    (Some(st), code.unwrap_or_else(|| "5xx".into()))
+                }
+                Ok(r) => {
+                    // A definite rejection. After an ambiguous try it is still
+                    // possible the first try created the job (an idempotent
+                    // retry should have returned it, but we do not assume).
+                    let st = r.status().as_u16();
+                    let code = r.json::<Value>().await.ok().and_then(|b| error_code(&b));
+                    let o = if ambiguous { Outcome::Unknown } else { Outcome::Failed };
+                    break (o, None, Some(st), code, node);
+                }
+                Err(e) => (None, if e.is_timeout() { "timeout".into() } else { format!("transport: {e}") }),
+            };
+            ambiguous = true;
+            add(&ctx.stats.errors);
+            node_idx += 1;
+            if Instant::now() >= deadline {
+                break (Outcome::Unknown, None, st, Some(err), node);
+            }
+            // Why: during an election (~1 s) every node answers 503 at once;
+            // a short pause keeps us from hot-looping without hiding the
+            // moment writes are accepted again by more than 100 ms.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        match outcome {
+            Outcome::Ok => add(&ctx.stats.submit_ok),
+            Outcome::Failed => add(&ctx.stats.submit_failed),
+            Outcome::Unknown => add(&ctx.stats.submit_unknown),
+        }
+        ctx.rec.record(Event::Submit {
+            submitter: i,
+            request_id,
+            invoke_ms,
+            return_ms: ctx.ms(),
+            node,
+            tries,
+            job_id,
+            outcome,
+            status,
+            error,
+        });
+        if outcome == Outcome::Failed {
+            // A definite rejection of a valid job is unexpected; do not spin.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// POST with retries on other nodes for transport errors and 5xx; returns
+/// the first definite answer (status, body) or None at the deadline.
+async fn post_definite(ctx: &Ctx, node_idx: &mut usize, path: &str, body: &Value) -> Option<(u16, Value, String)> {
+    let deadline = Instant::now() + ctx.op_deadline;
+    loop {
+        let node = ctx.node(*node_idx).to_string();
+        match ctx.http.post(format!("{node}{path}")).json(body).timeout(ctx.request_timeout).send().await {
+            Ok(r) if !r.status().is_server_error() => {
+                let st = r.status().as_u16();
+                let v = r.json::<Value>().await.unwrap_or(Value::Null);
+                return Some((st, v, node));
+            }
+            _ => {}
+        }
+        add(&ctx.stats.errors);
+        *node_idx += 1;
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn register(ctx: &Ctx, w: usize, id: Uuid, node_idx: &mut usize, stop: &AtomicBool) -> bool {
+    let body = json!({"workerId": id, "name": format!("{}-w{w}", ctx.job_name), "capacity": 8, "jobTypes": ["chaos"]});
+    while !stop.load(Ordering::Relaxed) {
+        if let Some((st, _, _)) = post_definite(ctx, node_idx, "/api/workers/register", &body).await {
+            if (200..300).contains(&st) {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+/// Jobs a worker holds right now: job id -> fencing token. Shared with its
+/// heartbeat task, which reports them so their leases stay alive.
+type Held = Arc<Mutex<HashMap<Uuid, u64>>>;
+
+/// One worker, speaking only the public HTTP protocol: register, long-poll
+/// acquire, heartbeat the held jobs, complete with the fencing token.
+async fn worker(ctx: Arc<Ctx>, w: usize, stop: Arc<AtomicBool>) {
+    let id = Uuid::new_v4();
+    let mut node_idx = w;
+    if !register(&ctx, w, id, &mut node_idx, &stop).await {
+        return;
+    }
+    let held: Held = Arc::default();
+    let hb_stop = Arc::new(AtomicBool::new(false));
+    let hb = tokio::spawn(heartbeat_loop(ctx.clone(), w, id, held.clone(), hb_stop.clone()));
+    let acquire = json!({
+        "workerId": id, "jobTypes": ["chaos"], "maxJobs": 8,
+        "leaseSeconds": ctx.lease_seconds, "waitSeconds": 1,
+    });
+    while !stop.load(Ordering::Relaxed) {
+        let node = ctx.node(node_idx).to_string();
+        // The long poll holds the request up to waitSeconds on the server, so
+        // the client timeout must be longer than that.
+        let res = ctx
+            .http
+            .post(format!("{node}/api/jobs/acquire"))
+            .json(&acquire)
+            .timeout(ctx.request_timeout + Duration::from_secs(1))
+            .send()
+            .await;
+        let jobs: Vec<JobView> = match res {
+            Ok(r) if r.status().is_success() => match r.json::<Value>().await {
+                Ok(v) => serde_json::from_value(v["jobs"].clone()).unwrap_or_default(),
+                Err(_) => continue,
+            },
+            Ok(r) if r.status() == 409 || r.status() == 404 => {
+                // worker_dead (e.g. declared dead while the cluster was down):
+                // register again under the same id.
+                register(&ctx, w, id, &mut node_idx, &stop).await;
+                continue;
+            }
+            _ => {
+                add(&ctx.stats.errors);
+                node_idx += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let mut set = tokio::task::JoinSet::new();
+        for j in jobs {
+            let token = j.fencing_token.unwrap_or(0);
+            add(&ctx.stats.acquired);
+            ctx.rec.record(Event::Acquire {
+                worker: w,
+                t_ms: ctx.ms(),
+                node: node.clone(),
+                job_id: j.id.to_string(),
+                attempt: j.attempt,
+                token,
+            });
+            held.lock().unwrap().insert(j.id, token);
+            let (ctx, held) = (ctx.clone(), held.clone());
+            let start_idx = node_idx + 1;
+            set.spawn(async move {
+                // Simulated work, long enough that faults land mid-job.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                // About 1 job in 16 fails its first attempt, deterministically
+                // by id, so the retry path (Failed -> Pending) is exercised.
+                let success = !(j.attempt <= 1 && j.id.as_bytes()[15] % 16 == 0);
+                complete(&ctx, w, start_idx, j.id, token, success).await;
+                held.lock().unwrap().remove(&j.id);
+            });
+        }
+        while set.join_next().await.is_some() {}
+    }
+    hb_stop.store(true, Ordering::Relaxed);
+    let _ = hb.await;
+    let _ =
+        ctx.http.delete(format!("{}/api/workers/{id}", ctx.node(node_idx))).timeout(ctx.request_timeout).send().await;
+}
+
+async fn complete(ctx: &Ctx, w: usize, mut node_idx: usize, job: Uuid, token: u64, success: bool) {
+    let body = if success {
+        json!({"fencingToken": token, "success": true, "result": {"worker": w}})
+    } else {
+        json!({"fencingToken": token, "success": false, "error": "chaos: planned first-attempt failure"})
+    };
+    let invoke_ms = ctx.ms();
+    let res = post_definite(ctx, &mut node_idx, &format!("/api/jobs/{job}/complete"), &body).await;
+    let (status, code, node) = match res {
+        Some((st, v, node)) => (st, error_code(&v), node),
+        None => (0, None, ctx.node(node_idx).to_string()),
+    };
+    match status {
+        200..=299 => add(&ctx.stats.complete_ok),
+        0 => add(&ctx.stats.complete_unknown),
+        _ => add(&ctx.stats.complete_rejected),
+    }
+    ctx.rec.record(Event::Complete {
+        worker: w,
+        invoke_ms,
+        return_ms: ctx.ms(),
+        node,
+        job_id: job.to_string(),
+        token,
+        success,
+        status,
+        code,
+    });
+}
+
+async fn heartbeat_loop(ctx: Arc<Ctx>, w: usize, id: Uuid, held: Held, stop: Arc<AtomicBool>) {
+    let mut node_idx = w + 1;
+    // Why 2 s: well under the lease (default 10 s) even when one beat is
+    // lost to a fault and the next goes to another node.
+    while !stop.load(Ordering::Relaxed) {
+        sleep_unless(&stop, Duration::from_secs(2)).await;
+        let jobs: Vec<Value> =
+            held.lock().unwrap().iter().map(|(j, t)| json!({"jobId": j, "fencingToken": t})).collect();
+        let node = ctx.node(node_idx).to_string();
+        let res = ctx
+            .http
+            .post(format!("{node}/api/workers/{id}/heartbeat"))
+            .json(&json!({"jobs": jobs}))
+            .timeout(ctx.request_timeout)
+            .send()
+            .await;
+        match res {
+            Ok(r) if r.status().is_success() => {
+                let v = r.json::<Value>().await.unwrap_or(Value::Null);
+                for j in v["revokedJobs"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+                    ctx.rec.record(Event::Revoked { worker: w, t_ms: ctx.ms(), job_id: j.to_string() });
+                }
+            }
+            Ok(r) if r.status() == 409 || r.status() == 404 => {
+                register(&ctx, w, id, &mut node_idx, &stop).await;
+            }
+            _ => node_idx += 1,
+        }
+    }
+}
+
+/// Polls until none of this run's jobs is Pending, Running or Failed, or the
+/// bounded wait runs out. Returns (drained, how many were left).
+async fn drain(ctx: &Ctx, limit: Duration) -> (bool, usize) {
+    let end = Instant::now() + limit;
+    let mut remaining = usize::MAX;
+    loop {
+        if let Ok(jobs) = cluster::all_jobs(&ctx.http, &ctx.nodes).await {
+            remaining = jobs
+                .iter()
+                .filter(|j| j.name == ctx.job_name && matches!(j.status.as_str(), "Pending" | "Running" | "Failed"))
+                .count();
+            if remaining == 0 {
+                return (true, 0);
+            }
+        }
+        if Instant::now() >= end {
+            return (false, remaining);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Every `every` seconds: find the leader, substitute it for `{leader}` in
+/// the next command (round robin over the commands) and run it with `sh -c`,
+/// waiting for it to finish before the next period starts counting.
+async fn fault_loop(ctx: Arc<Ctx>, cmds: Vec<String>, every: f64, stop: Arc<AtomicBool>) {
+    let mut index = 0usize;
+    loop {
+        sleep_unless(&stop, Duration::from_secs_f64(every)).await;
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let cmd_tpl = &cmds[index % cmds.len()];
+        let mut leader = None;
+        if cmd_tpl.contains("{leader}") {
+            // During an election there is briefly no leader; wait for one.
+            let end = Instant::now() + Duration::from_secs(10);
+            while leader.is_none() && Instant::now() < end {
+                leader = cluster::leader(&ctx.http, &ctx.nodes).await;
+                if leader.is_none() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            if leader.is_none() {
+                println!("fault {index}: no leader found within 10 s, skipped");
+                index += 1;
+                continue;
+            }
+        }
+        let cmd = cmd_tpl.replace("{leader}", &leader.map(|l| l.to_string()).unwrap_or_default());
+        add(&ctx.stats.faults);
+        ctx.rec.record(Event::FaultStart { index, t_ms: ctx.ms(), leader, cmd: cmd.clone() });
+        println!("t={:.1}s fault {index}: {cmd}", ctx.t0.elapsed().as_secs_f64());
+        let exit_code = match tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(&cmd)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .await
+        {
+            Ok(s) => s.code(),
+            Err(e) => {
+                println!("fault {index}: could not run: {e}");
+                None
+            }
+        };
+        ctx.rec.record(Event::FaultEnd { index, t_ms: ctx.ms(), exit_code });
+        index += 1;
+    }
+}
