@@ -199,3 +199,46 @@ async fn graceful_shutdown_and_no_quorum_writes() {
     assert_eq!(st, 200);
     c.assert_digests_equal().await;
 }
+
+/// Regression (found by the chaos checker): a frozen leader accepts
+/// connections and never answers, so a relayed write used to hang until it
+/// resumed. Steps: SIGSTOP the leader; submit through a follower with a
+/// request id; the answer (201, or 503 meaning "retry") comes well before
+/// the pause ends; retrying the same request id succeeds on the new leader;
+/// resume the old leader: exactly one job exists and digests agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_leader_does_not_stall_relayed_writes() {
+    let c = Cluster::start(Opts::default()).await;
+    let leader = c.leader(Duration::from_secs(10)).await;
+    let follower = c.follower().await;
+    c.pause(leader);
+    let body = json!({"type": "t", "requestId": "frozen-1"});
+    let started = Instant::now();
+    let mut created = None;
+    while created.is_none() {
+        assert!(started.elapsed() < Duration::from_secs(8), "no answer while the old leader is frozen");
+        let r = c
+            .http
+            .post(format!("{}/api/jobs", c.url(follower)))
+            .json(&body)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .expect("the follower answers");
+        let status = r.status().as_u16();
+        let v: serde_json::Value = r.json().await.unwrap_or_default();
+        match status {
+            200 | 201 => created = Some(v),
+            503 => tokio::time::sleep(Duration::from_millis(100)).await,
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    eprintln!("write acknowledged {:?} after freezing the leader", started.elapsed());
+    c.resume(leader);
+    c.wait_ready(Duration::from_secs(20)).await;
+    let (_, list) = c.get(leader, "/api/jobs").await;
+    let jobs = list["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 1, "{list}");
+    assert_eq!(jobs[0]["id"], created.unwrap()["id"]);
+    c.assert_digests_equal().await;
+}

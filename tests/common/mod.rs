@@ -147,9 +147,18 @@ impl Cluster {
         c.wait().ok()
     }
 
+    /// SIGSTOP a node and wait until the kernel reports it stopped.
     pub fn pause(&self, id: u64) {
         if let Some(pid) = self.nodes[&id].pid() {
             unsafe { libc::kill(pid, libc::SIGSTOP) };
+            for _ in 0..200 {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                // Field 3, after the parenthesised command name, is the state.
+                if stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('T')) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
     }
 

@@ -119,6 +119,22 @@ enum RelayError {
     Unknown,
 }
 
+/// Resolves once this node knows a leader other than `leader_addr` (never
+/// while leadership is unknown: an election in progress is not a change).
+async fn leader_moved_away(node: &SharedNode, leader_addr: &str) {
+    let mut rx = node.raft.metrics();
+    loop {
+        match node.leadership() {
+            Leadership::Me => return,
+            Leadership::Other { addr, .. } if addr != leader_addr => return,
+            _ => {}
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// Read the whole body if it fits in `limit`. An oversized body is still
 /// read (and dropped) up to a bound so the client, still sending, gets to
 /// read our 413 instead of a reset connection.
@@ -166,7 +182,17 @@ async fn relay(
             rb = rb.header(name, v.clone());
         }
     }
-    let resp = match rb.send().await {
+    // A frozen (SIGSTOPped, partitioned) leader still accepts connections and
+    // never answers: stop waiting as soon as this node sees another leader.
+    // The request may have reached the old leader, so the outcome is unknown.
+    let sent = tokio::select! {
+        r = rb.send() => r,
+        _ = leader_moved_away(node, leader_addr) => {
+            tracing::debug!(leader = leader_addr, "leader changed while relaying");
+            return Err(RelayError::Unknown);
+        }
+    };
+    let resp = match sent {
         Ok(r) => r,
         Err(e) if e.is_connect() => {
             tracing::debug!(leader = leader_addr, "leader unreachable: {e}");
@@ -186,7 +212,11 @@ async fn relay(
             }
         }
     }
-    match resp.bytes().await {
+    let body = tokio::select! {
+        b = resp.bytes() => b,
+        _ = leader_moved_away(node, leader_addr) => return Err(RelayError::Unknown),
+    };
+    match body {
         Ok(b) => {
             let mut r = Response::new(Body::from(b));
             *r.status_mut() = status;
