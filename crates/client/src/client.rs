@@ -461,17 +461,17 @@ impl Client {
                         // The server answered but the body broke off: the
                         // request was processed (or not) — unknown.
                         Err(e) if safety == Safety::Once => {
-                            return Err(ClientError::Uncertain { node: node.base.clone(), message: chain(&e) });
+                            return Err(ClientError::Uncertain { node: node.base.clone(), message: error_chain(&e) });
                         }
-                        Err(e) => format!("{}: reading the response: {}", node.base, chain(&e)),
+                        Err(e) => format!("{}: reading the response: {}", node.base, error_chain(&e)),
                     }
                 }
                 Err(e) => {
                     // A connect error proves the request was never sent.
                     if safety == Safety::Once && !e.is_connect() {
-                        return Err(ClientError::Uncertain { node: node.base.clone(), message: chain(&e) });
+                        return Err(ClientError::Uncertain { node: node.base.clone(), message: error_chain(&e) });
                     }
-                    format!("{}: {}", node.base, chain(&e))
+                    format!("{}: {}", node.base, error_chain(&e))
                 }
             };
             tracing::debug!(attempt = attempts, error = %last_error, "coordinator request failed; trying another node");
@@ -542,7 +542,7 @@ fn api_error(status: u16, body: &[u8]) -> ClientError {
 
 /// An error and its causes on one line (reqwest's top-level message alone
 /// hides whether it was a refused connection or a timeout).
-fn chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

@@ -22,8 +22,8 @@ pub mod client;
 pub mod error;
 
 pub use client::{
-    parse_coordinators, Client, ClientBuilder, ListJobs, Submitted, DEFAULT_CONNECT_TIMEOUT, DEFAULT_COORDINATORS,
-    DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_BUDGET,
+    error_chain, parse_coordinators, Client, ClientBuilder, ListJobs, Submitted, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_COORDINATORS, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_BUDGET,
 };
 pub use error::ClientError;
 

@@ -83,14 +83,22 @@ impl HttpHandler {
             let t = Duration::try_from_secs_f64(t).map_err(|_| bad("timeoutSeconds must be a non-negative number"))?;
             rb = rb.timeout(t);
         }
-        let mut resp = rb.send().await.map_err(|e| JobError::new(format!("request failed: {}", chain(&e))))?;
+        let mut resp = rb
+            .send()
+            .await
+            .map_err(|e| JobError::new(format!("request failed: {}", jobsched_client::error_chain(&e))))?;
         let status = resp.status();
         let mut tail = Tail::new(OUTPUT_TAIL_BYTES);
         loop {
             match resp.chunk().await {
                 Ok(Some(c)) => tail.push(&c),
                 Ok(None) => break,
-                Err(e) => return Err(JobError::new(format!("reading the response body: {}", chain(&e)))),
+                Err(e) => {
+                    return Err(JobError::new(format!(
+                        "reading the response body: {}",
+                        jobsched_client::error_chain(&e)
+                    )))
+                }
             }
         }
         if status.is_success() {
@@ -99,17 +107,6 @@ impl HttpHandler {
             Err(JobError::new(format!("HTTP {}: {}", status.as_u16(), tail.text())))
         }
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 impl JobHandler for HttpHandler {
