@@ -4,6 +4,9 @@
 //! Modes:
 //! * `submit`: closed loop, C concurrent clients, for T seconds (or N jobs):
 //!   throughput and latency percentiles of `POST /api/jobs`.
+//! * `e2e`: C closed-loop submitters plus W workers x K slots that acquire
+//!   (up to their free slots per call) and complete over HTTP: completed
+//!   jobs per second end to end.
 //! * `pickup`: one idle worker long-polls; N times, submit a job and time
 //!   from the submit's acknowledgement (and from its send) to the moment the
 //!   worker's acquire returns with it.
@@ -56,6 +59,19 @@ enum Mode {
         #[arg(long)]
         node: Option<usize>,
     },
+    /// End to end: submitters plus HTTP workers; completed jobs per second.
+    E2e {
+        #[arg(long, short = 'c', default_value_t = 64)]
+        submitters: usize,
+        /// Worker processes simulated (each registers once).
+        #[arg(long, default_value_t = 8)]
+        workers: usize,
+        /// Slots per worker (jobs acquired per call at most).
+        #[arg(long, default_value_t = 8)]
+        slots: u32,
+        #[arg(long, short = 'd', default_value_t = 10.0)]
+        duration: f64,
+    },
     /// Pickup latency: submit -> acquire on an idle long-polling worker.
     Pickup {
         #[arg(long, short = 'n', default_value_t = 200)]
@@ -85,6 +101,9 @@ async fn main() -> Result<()> {
     let figures = match &cli.mode {
         Mode::Submit { concurrency, duration, total, node } => {
             submit(&http, &cli.coordinators, *concurrency, *duration, *total, *node).await?
+        }
+        Mode::E2e { submitters, workers, slots, duration } => {
+            e2e(&http, &cli.coordinators, *submitters, *workers, *slots, *duration).await?
         }
         Mode::Pickup { samples } => pickup(&http, &cli.coordinators, *samples).await?,
         Mode::Failover { rounds, kill_cmd, start_cmd } => {
@@ -208,6 +227,95 @@ async fn post_json(http: &reqwest::Client, url: String, body: Value) -> Result<V
         bail!("{status}: {v}");
     }
     Ok(v)
+}
+
+async fn e2e(
+    http: &reqwest::Client,
+    nodes: &[String],
+    submitters: usize,
+    workers: usize,
+    slots: u32,
+    duration: f64,
+) -> Result<Value> {
+    let job_type = format!("e2e-{}", uuid::Uuid::new_v4());
+    let stop = Arc::new(AtomicBool::new(false));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let completed = Arc::new(AtomicU64::new(0));
+    let submitted = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let base = nodes[w % nodes.len()].clone();
+        let reg = post_json(
+            http,
+            format!("{base}/api/workers/register"),
+            json!({"name": format!("bench-e2e-{w}"), "capacity": slots, "jobTypes": [job_type]}),
+        )
+        .await?;
+        let worker_id = reg["id"].as_str().context("worker id")?.to_owned();
+        let (http, stop, measuring, completed) = (http.clone(), stop.clone(), measuring.clone(), completed.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let acq = post_json(
+                    &http,
+                    format!("{base}/api/jobs/acquire"),
+                    json!({"workerId": worker_id, "maxJobs": slots, "waitSeconds": 1, "leaseSeconds": 60}),
+                )
+                .await;
+                let Ok(acq) = acq else { continue };
+                let jobs = acq["jobs"].as_array().cloned().unwrap_or_default();
+                // Complete the batch concurrently, as a worker with this many slots would.
+                let done =
+                    futures::future::join_all(
+                        jobs.iter().map(|job| {
+                            let http = http.clone();
+                            let url = format!("{base}/api/jobs/{}/complete", job["id"].as_str().unwrap_or(""));
+                            let token = job["fencingToken"].clone();
+                            async move {
+                                post_json(&http, url, json!({"fencingToken": token, "success": true})).await.is_ok()
+                            }
+                        }),
+                    )
+                    .await;
+                if measuring.load(Ordering::Relaxed) {
+                    completed.fetch_add(done.iter().filter(|ok| **ok).count() as u64, Ordering::Relaxed);
+                }
+            }
+            let _ = http.delete(format!("{base}/api/workers/{worker_id}")).send().await;
+        }));
+    }
+    for c in 0..submitters {
+        let base = nodes[c % nodes.len()].clone();
+        let (http, stop, measuring, submitted, job_type) =
+            (http.clone(), stop.clone(), measuring.clone(), submitted.clone(), job_type.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let body = json!({"type": job_type, "payload": {}, "requestId": uuid::Uuid::new_v4().to_string()});
+                let ok = post_json(&http, format!("{base}/api/jobs"), body).await.is_ok();
+                if ok && measuring.load(Ordering::Relaxed) {
+                    submitted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(duration)).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let (done, sub) = (completed.load(Ordering::Relaxed) as f64, submitted.load(Ordering::Relaxed) as f64);
+    println!(
+        "e2e submitters={submitters} slots={} completed {:>8.0}/s  submitted {:>8.0}/s",
+        workers as u32 * slots,
+        done / elapsed,
+        sub / elapsed
+    );
+    Ok(json!({"mode": "e2e", "submitters": submitters, "slots": workers as u32 * slots,
+              "completedPerSecond": done / elapsed, "submittedPerSecond": sub / elapsed}))
 }
 
 async fn pickup(http: &reqwest::Client, nodes: &[String], samples: usize) -> Result<Value> {
