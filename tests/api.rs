@@ -263,3 +263,80 @@ async fn status_endpoints_and_swagger() {
     assert_eq!(page.status(), 200);
     assert!(page.text().await.unwrap().contains("swagger"));
 }
+
+/// Steps: batch-submit 3 jobs (with request ids) on a follower: 201, created
+/// 3, in order, all Pending and stamped with the same time (one Raft entry);
+/// the same batch again: 200, created 0, the same ids; a batch with one
+/// invalid item is refused as a whole with the item named in `field`, and
+/// creates nothing; an empty batch is 422. Then acquire all three and report
+/// them in one batched completion where one token is wrong: two Completed,
+/// one `stale_token` error, and that job is still Running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_submit_and_batched_completions() {
+    let c = Cluster::start(Opts::default()).await;
+    let f = c.follower().await;
+    let batch = json!({"jobs": [
+        {"type": "sample", "name": "a", "requestId": "batch-a", "priority": 3},
+        {"type": "sample", "name": "b", "requestId": "batch-b"},
+        {"type": "sample", "name": "c", "requestId": "batch-c", "payload": {"k": 1}},
+    ]});
+    let (st, first) = c.post(f, "/api/jobs/batch", batch.clone()).await;
+    assert_eq!(st, 201, "{first}");
+    assert_eq!(first["created"], 3);
+    let jobs = first["jobs"].as_array().unwrap();
+    let names: Vec<&str> = jobs.iter().map(|j| j["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["a", "b", "c"]);
+    assert!(jobs.iter().all(|j| j["status"] == "Pending"));
+    assert!(jobs.iter().all(|j| j["createdAt"] == jobs[0]["createdAt"]), "one entry, one leader time: {first}");
+    assert_eq!(jobs[2]["payload"], json!({"k": 1}));
+
+    let (st, retry) = c.post(c.running()[0], "/api/jobs/batch", batch).await;
+    assert_eq!(st, 200, "{retry}");
+    assert_eq!(retry["created"], 0);
+    let ids = |v: &Value| v["jobs"].as_array().unwrap().iter().map(|j| j["id"].clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&retry), ids(&first));
+
+    let (st, bad) =
+        c.post(f, "/api/jobs/batch", json!({"jobs": [{"type": "sample"}, {"type": "sample", "priority": 5000}]})).await;
+    assert_eq!(st, 422, "{bad}");
+    assert_eq!(bad["error"]["field"], "jobs[1].priority");
+    let (st, empty) = c.post(f, "/api/jobs/batch", json!({"jobs": []})).await;
+    assert_eq!(st, 422, "{empty}");
+    let (_, all) = c.get(f, "/api/jobs?limit=100").await;
+    assert_eq!(all["jobs"].as_array().unwrap().len(), 3, "refused batches created nothing: {all}");
+
+    let worker = c.register_worker(f, &["sample"], 10).await;
+    let (st, acq) = c.post(f, "/api/jobs/acquire", json!({"workerId": worker, "maxJobs": 3})).await;
+    assert_eq!(st, 200, "{acq}");
+    let held = acq["jobs"].as_array().unwrap();
+    assert_eq!(held.len(), 3);
+    let token = |j: &Value| j["fencingToken"].as_u64().unwrap();
+    let (st, done) = c
+        .post(
+            f,
+            "/api/jobs/complete",
+            json!({"completions": [
+                {"jobId": held[0]["id"], "fencingToken": token(&held[0]), "result": {"n": 0}},
+                {"jobId": held[1]["id"], "fencingToken": token(&held[1]) + 1000},
+                {"jobId": held[2]["id"], "fencingToken": token(&held[2]), "success": false, "error": "boom"},
+            ]}),
+        )
+        .await;
+    assert_eq!(st, 200, "{done}");
+    let results = done["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3);
+    assert_eq!(results[0]["jobId"], held[0]["id"]);
+    assert_eq!(results[0]["job"]["status"], "Completed");
+    assert_eq!(results[0]["job"]["result"], json!({"n": 0}));
+    assert_eq!(results[1]["error"]["code"], "stale_token", "{done}");
+    assert!(results[1]["job"].is_null());
+    assert_eq!(results[2]["job"]["status"], "Failed");
+    assert_eq!(results[2]["job"]["lastError"], "boom");
+    let (_, still) = c.get(f, &format!("/api/jobs/{}", held[1]["id"].as_str().unwrap())).await;
+    assert_eq!(still["status"], "Running", "a refused item changes nothing: {still}");
+
+    let (st, bad) =
+        c.post(f, "/api/jobs/complete", json!({"completions": [{"jobId": "nope", "fencingToken": 1}]})).await;
+    assert!(st == 400 || st == 422, "{st} {bad}");
+    c.assert_digests_equal().await;
+}

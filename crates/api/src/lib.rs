@@ -193,6 +193,64 @@ fn yes() -> bool {
     true
 }
 
+/// Most jobs in one `POST /api/jobs/batch`, or completions in one
+/// `POST /api/jobs/complete`.
+pub const MAX_BATCH_ITEMS: usize = 1000;
+
+/// `POST /api/jobs/batch`: submit many jobs in one Raft entry (all or none).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchCreateRequest {
+    /// 1..=1000 job submissions, each as for `POST /api/jobs`.
+    pub jobs: Vec<CreateJobRequest>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchCreateResponse {
+    /// One job per submission, in request order. A submission whose
+    /// `requestId` was seen before gets the existing job.
+    pub jobs: Vec<JobView>,
+    /// How many of `jobs` were created by this request.
+    pub created: usize,
+}
+
+/// One item of `POST /api/jobs/complete`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CompletionItem {
+    pub job_id: Uuid,
+    #[serde(flatten)]
+    pub completion: CompleteRequest,
+}
+
+/// `POST /api/jobs/complete`: report many results in one Raft entry.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchCompleteRequest {
+    /// 1..=1000 results, each as for `POST /api/jobs/{id}/complete` plus `jobId`.
+    pub completions: Vec<CompletionItem>,
+}
+
+/// The outcome of one completion: the job, or why it was refused (for
+/// example `stale_token` when the lease was taken away).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CompletionResult {
+    pub job_id: Uuid,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobView>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorDetail>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchCompleteResponse {
+    /// One result per completion, in request order.
+    pub results: Vec<CompletionResult>,
+}
+
 /// `POST /api/jobs/{id}/release`: give a running job back (worker drain).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]

@@ -24,9 +24,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jobsched_api::{
-    AcquireRequest, AcquireResponse, ClusterView, CompleteRequest, CreateJobRequest, ErrorBody, HealthView,
-    HeartbeatRequest, HeartbeatResponse, JobList, JobView, RegisterWorkerRequest, ReleaseRequest, WorkerList,
-    WorkerView,
+    AcquireRequest, AcquireResponse, BatchCompleteRequest, BatchCompleteResponse, BatchCreateRequest,
+    BatchCreateResponse, ClusterView, CompleteRequest, CreateJobRequest, ErrorBody, HealthView, HeartbeatRequest,
+    HeartbeatResponse, JobList, JobView, RegisterWorkerRequest, ReleaseRequest, WorkerList, WorkerView,
 };
 use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
 use reqwest::{Method, Url};
@@ -285,6 +285,19 @@ impl Client {
         Ok(Submitted { created: resp.status == 201, job: resp.decode()? })
     }
 
+    /// `POST /api/jobs/batch`: many jobs in one request and one Raft entry.
+    /// Like [`Client::submit`], gives every item without a `requestId` a new
+    /// one, so the whole batch can be retried safely.
+    pub async fn submit_batch(&self, mut jobs: Vec<CreateJobRequest>) -> Result<BatchCreateResponse, ClientError> {
+        for req in &mut jobs {
+            if req.request_id.as_deref().is_none_or(str::is_empty) {
+                req.request_id = Some(Uuid::new_v4().to_string());
+            }
+        }
+        let body = json_body(&BatchCreateRequest { jobs })?;
+        self.send(Method::POST, "/api/jobs/batch", &[], Some(body), Safety::Idempotent, None).await?.decode()
+    }
+
     /// `GET /api/jobs/{id}`
     pub async fn get_job(&self, id: Uuid) -> Result<JobView, ClientError> {
         self.get(&format!("/api/jobs/{id}"), &[]).await
@@ -326,6 +339,13 @@ impl Client {
     /// lease is no longer the caller's.
     pub async fn complete(&self, id: Uuid, req: &CompleteRequest) -> Result<JobView, ClientError> {
         self.post(&format!("/api/jobs/{id}/complete"), req).await
+    }
+
+    /// `POST /api/jobs/complete`: many results in one request and one Raft
+    /// entry; each item gets its job or its own error (`stale_token`, ...).
+    /// Safe to repeat for the same reason as [`Client::complete`].
+    pub async fn complete_many(&self, req: &BatchCompleteRequest) -> Result<BatchCompleteResponse, ClientError> {
+        self.post("/api/jobs/complete", req).await
     }
 
     /// `POST /api/jobs/{id}/release`: back to Pending at once, the attempt

@@ -129,6 +129,18 @@ impl Node {
         }
     }
 
+    /// Propose several commands in one Raft entry. Each command's business
+    /// rejection stays in its slot (`Outcome::Rejected`) for the caller to
+    /// report per item; only failures of the whole entry are errors.
+    pub async fn propose_all(&self, cmds: Vec<Command>) -> Result<Vec<Outcome>, ApiError> {
+        match self.proposer.propose_all(cmds).await {
+            Ok(o) => Ok(o),
+            Err(ProposeError::NotLeader { leader }) => Err(ApiError::NotLeader { leader }),
+            Err(ProposeError::Timeout) => Err(ApiError::Timeout),
+            Err(ProposeError::Fatal(m)) => Err(ApiError::Internal(m)),
+        }
+    }
+
     /// Make the next local read linearizable: confirms leadership with a
     /// quorum and waits until the state machine has applied up to the commit
     /// index seen at that moment.

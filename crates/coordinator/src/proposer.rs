@@ -38,9 +38,11 @@ pub enum ProposeError {
     Fatal(String),
 }
 
+/// One caller's commands. They always travel in the same Raft entry (so a
+/// batch submit is all-or-nothing), possibly together with other callers'.
 struct Pending {
-    cmd: Command,
-    reply: oneshot::Sender<Result<Outcome, ProposeError>>,
+    cmds: Vec<Command>,
+    reply: oneshot::Sender<Result<Vec<Outcome>, ProposeError>>,
 }
 
 #[derive(Clone)]
@@ -58,8 +60,15 @@ impl Proposer {
 
     /// Propose one command and wait for its outcome.
     pub async fn propose(&self, cmd: Command) -> Result<Outcome, ProposeError> {
+        let mut outcomes = self.propose_all(vec![cmd]).await?;
+        outcomes.pop().ok_or_else(|| ProposeError::Fatal("no outcome".into()))
+    }
+
+    /// Propose several commands in one Raft entry (committed and applied
+    /// together, in this order) and wait for their outcomes.
+    pub async fn propose_all(&self, cmds: Vec<Command>) -> Result<Vec<Outcome>, ProposeError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Pending { cmd, reply }).await.map_err(|_| ProposeError::Fatal("proposer stopped".into()))?;
+        self.tx.send(Pending { cmds, reply }).await.map_err(|_| ProposeError::Fatal("proposer stopped".into()))?;
         match tokio::time::timeout(self.timeout, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(ProposeError::Fatal("proposal dropped".into())),
@@ -74,10 +83,16 @@ async fn run(raft: Raft, clock: Clock, mut rx: mpsc::Receiver<Pending>, max_batc
         // Wait for a free slot *before* draining the queue: everything that
         // arrives meanwhile joins this batch.
         let Ok(permit) = slots.clone().acquire_owned().await else { break };
+        // A caller's group is never split; a group larger than max_batch
+        // (a batch submit) simply makes a larger entry on its own.
+        let mut size = first.cmds.len();
         let mut batch = vec![first];
-        while batch.len() < max_batch {
+        while size < max_batch {
             match rx.try_recv() {
-                Ok(p) => batch.push(p),
+                Ok(p) => {
+                    size += p.cmds.len();
+                    batch.push(p);
+                }
                 Err(_) => break,
             }
         }
@@ -85,18 +100,24 @@ async fn run(raft: Raft, clock: Clock, mut rx: mpsc::Receiver<Pending>, max_batc
         let now_ms = clock();
         tokio::spawn(async move {
             let _permit = permit;
-            let (commands, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+            let mut commands = Vec::with_capacity(size);
+            let mut replies = Vec::with_capacity(batch.len());
+            for p in batch {
+                replies.push((p.cmds.len(), p.reply));
+                commands.extend(p.cmds);
+            }
             let n = commands.len();
             match crate::node::client_write(&raft, Batch { now_ms, commands }).await {
                 Ok(outcomes) if outcomes.len() == n => {
-                    for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                        let _ = reply.send(Ok(outcome));
+                    let mut outcomes = outcomes.into_iter();
+                    for (count, reply) in replies {
+                        let _ = reply.send(Ok(outcomes.by_ref().take(count).collect()));
                     }
                 }
                 Ok(outcomes) => {
                     let msg = format!("state machine returned {} outcomes for {n} commands", outcomes.len());
                     tracing::error!("{msg}");
-                    for reply in replies {
+                    for (_, reply) in replies {
                         let _ = reply.send(Err(ProposeError::Fatal(msg.clone())));
                     }
                 }
@@ -107,7 +128,7 @@ async fn run(raft: Raft, clock: Clock, mut rx: mpsc::Receiver<Pending>, max_batc
                         }
                         other => ProposeError::Fatal(other.to_string()),
                     };
-                    for reply in replies {
+                    for (_, reply) in replies {
                         let _ = reply.send(Err(match &err {
                             ProposeError::NotLeader { leader } => ProposeError::NotLeader { leader: leader.clone() },
                             ProposeError::Timeout => ProposeError::Timeout,

@@ -83,22 +83,31 @@ impl From<Rejection> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, code) = self.parts();
-        let message = match &self {
+impl ApiError {
+    /// The JSON error detail, as used in a response body or for one item of
+    /// a batch answer.
+    pub fn detail(&self) -> ErrorDetail {
+        let (_, code) = self.parts();
+        let message = match self {
             ApiError::Internal(cause) => {
                 tracing::error!(%cause, "internal error");
                 "internal error".to_owned()
             }
             other => other.to_string(),
         };
-        let (field, leader) = match &self {
+        let (field, leader) = match self {
             ApiError::Validation { field, .. } => (field.clone(), None),
             ApiError::NoLeader { leader } | ApiError::NotLeader { leader } => (None, leader.clone()),
             _ => (None, None),
         };
-        let body = ErrorBody { error: ErrorDetail { code: code.into(), message, field, leader } };
+        ErrorDetail { code: code.into(), message, field, leader }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, _) = self.parts();
+        let body = ErrorBody { error: self.detail() };
         let mut resp = (status, Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -1,5 +1,5 @@
-//! Job endpoints: submit, read, list, acquire (with long poll), complete,
-//! release, cancel. Handlers validate and build commands (ids are generated
+//! Job endpoints: submit (one or a batch), read, list, acquire (with long
+//! poll), complete (one or a batch), release, cancel. Handlers validate and build commands (ids are generated
 //! here, never in `apply`); all changes go through the proposer.
 
 use std::time::Duration;
@@ -9,8 +9,9 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 use jobsched_api::{
-    AcquireRequest, AcquireResponse, CompleteRequest, CreateJobRequest, JobList, JobView, ReleaseRequest,
-    DEFAULT_LEASE_SECONDS, DEFAULT_MAX_RETRIES, DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT, MAX_WAIT_SECONDS,
+    AcquireRequest, AcquireResponse, BatchCompleteRequest, BatchCompleteResponse, BatchCreateRequest,
+    BatchCreateResponse, CompleteRequest, CompletionResult, CreateJobRequest, JobList, JobView, ReleaseRequest,
+    DEFAULT_LEASE_SECONDS, DEFAULT_MAX_RETRIES, DEFAULT_PAGE_LIMIT, MAX_BATCH_ITEMS, MAX_PAGE_LIMIT, MAX_WAIT_SECONDS,
 };
 use jobsched_core::state::validate_spec;
 use jobsched_core::{limits, Command, CompletionReport, JobSpec, JobStatus, Outcome};
@@ -60,14 +61,7 @@ pub async fn create_job(
             .transpose()
             .map_err(|_| ApiError::validation("Idempotency-Key", "must be ASCII"))?,
     };
-    if let Some(r) = &request_id {
-        if r.is_empty() || r.len() > limits::MAX_REQUEST_ID_LEN {
-            return Err(ApiError::validation(
-                "requestId",
-                format!("must be 1 to {} bytes", limits::MAX_REQUEST_ID_LEN),
-            ));
-        }
-    }
+    check_request_id(&request_id)?;
     let spec = spec_from_request(&req)?;
     let cmd = Command::SubmitJob { job_id: Uuid::new_v4(), request_id, spec };
     match node.propose(cmd).await? {
@@ -78,6 +72,73 @@ pub async fn create_job(
         }
         other => Err(unexpected(other)),
     }
+}
+
+fn check_request_id(request_id: &Option<String>) -> ApiResult<()> {
+    match request_id {
+        Some(r) if r.is_empty() || r.len() > limits::MAX_REQUEST_ID_LEN => {
+            Err(ApiError::validation("requestId", format!("must be 1 to {} bytes", limits::MAX_REQUEST_ID_LEN)))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Prefix a validation error's field with the item's place in a batch
+/// (`jobs[3].priority`), so the client can tell which item was refused.
+fn in_item(list: &str, index: usize, e: ApiError) -> ApiError {
+    match e {
+        ApiError::Validation { field, message } => ApiError::Validation {
+            field: Some(match field {
+                Some(f) => format!("{list}[{index}].{f}"),
+                None => format!("{list}[{index}]"),
+            }),
+            message,
+        },
+        other => other,
+    }
+}
+
+fn check_batch_len(list: &str, len: usize) -> ApiResult<()> {
+    if len == 0 || len > MAX_BATCH_ITEMS {
+        return Err(ApiError::validation(list, format!("must hold 1 to {MAX_BATCH_ITEMS} items")));
+    }
+    Ok(())
+}
+
+/// Submit many jobs with one request and one Raft entry. Every item is
+/// validated first: one invalid item refuses the whole batch (422, nothing
+/// changes). Once proposed, the jobs commit together or not at all; on a
+/// 503 `timeout` the outcome is unknown, so give items a `requestId` to make
+/// the retry safe.
+#[utoipa::path(post, path = "/api/jobs/batch", request_body = BatchCreateRequest,
+    responses((status = 201, body = BatchCreateResponse), (status = 200, description = "every item was a retry", body = BatchCreateResponse),
+              (status = 400), (status = 413), (status = 422), (status = 503)))]
+pub async fn create_jobs(
+    State(node): State<SharedNode>,
+    ApiJson(req): ApiJson<BatchCreateRequest>,
+) -> ApiResult<(StatusCode, Json<BatchCreateResponse>)> {
+    check_batch_len("jobs", req.jobs.len())?;
+    let mut cmds = Vec::with_capacity(req.jobs.len());
+    for (i, item) in req.jobs.iter().enumerate() {
+        let request_id = item.request_id.clone();
+        check_request_id(&request_id).map_err(|e| in_item("jobs", i, e))?;
+        let spec = spec_from_request(item).map_err(|e| in_item("jobs", i, e))?;
+        cmds.push(Command::SubmitJob { job_id: Uuid::new_v4(), request_id, spec });
+    }
+    let mut jobs = Vec::with_capacity(cmds.len());
+    let mut created_count = 0;
+    for outcome in node.propose_all(cmds).await? {
+        match outcome {
+            Outcome::Submitted { job, created } => {
+                created_count += usize::from(created);
+                jobs.push(JobView::from(&job));
+            }
+            Outcome::Rejected(r) => return Err(r.into()),
+            other => return Err(unexpected(other)),
+        }
+    }
+    let status = if created_count > 0 { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(BatchCreateResponse { jobs, created: created_count })))
 }
 
 fn spec_from_request(req: &CreateJobRequest) -> ApiResult<JobSpec> {
@@ -278,6 +339,13 @@ pub async fn complete(
     ApiJson(req): ApiJson<CompleteRequest>,
 ) -> ApiResult<Json<JobView>> {
     let job_id = parse_id("job", &id)?;
+    match node.propose(complete_command(job_id, &req)?).await? {
+        Outcome::Job { job } => Ok(Json(JobView::from(&job))),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn complete_command(job_id: Uuid, req: &CompleteRequest) -> ApiResult<Command> {
     let report = if req.success {
         let result = req.result.as_ref().map(|v| v.to_string());
         if result.as_ref().is_some_and(|r| r.len() > limits::MAX_RESULT_BYTES) {
@@ -287,10 +355,42 @@ pub async fn complete(
     } else {
         CompletionReport::Failed { error: req.error.clone().unwrap_or_else(|| "failed".into()) }
     };
-    match node.propose(Command::CompleteJob { job_id, fencing_token: req.fencing_token, report }).await? {
-        Outcome::Job { job } => Ok(Json(JobView::from(&job))),
-        other => Err(unexpected(other)),
-    }
+    Ok(Command::CompleteJob { job_id, fencing_token: req.fencing_token, report })
+}
+
+/// Report many results with one request and one Raft entry. Each item is
+/// judged on its own, exactly as `POST /api/jobs/{id}/complete` would: the
+/// answer lists the job or the error (`stale_token`, `not_found`, ...) per
+/// item, in request order. Malformed items refuse the whole request (422).
+#[utoipa::path(post, path = "/api/jobs/complete", request_body = BatchCompleteRequest,
+    responses((status = 200, body = BatchCompleteResponse), (status = 400), (status = 413), (status = 422), (status = 503)))]
+pub async fn complete_many(
+    State(node): State<SharedNode>,
+    ApiJson(req): ApiJson<BatchCompleteRequest>,
+) -> ApiResult<Json<BatchCompleteResponse>> {
+    check_batch_len("completions", req.completions.len())?;
+    let cmds = req
+        .completions
+        .iter()
+        .enumerate()
+        .map(|(i, item)| complete_command(item.job_id, &item.completion).map_err(|e| in_item("completions", i, e)))
+        .collect::<ApiResult<Vec<_>>>()?;
+    let outcomes = node.propose_all(cmds).await?;
+    let results = req
+        .completions
+        .iter()
+        .zip(outcomes)
+        .map(|(item, outcome)| match outcome {
+            Outcome::Job { job } => {
+                CompletionResult { job_id: item.job_id, job: Some(JobView::from(&job)), error: None }
+            }
+            Outcome::Rejected(r) => {
+                CompletionResult { job_id: item.job_id, job: None, error: Some(ApiError::from(r).detail()) }
+            }
+            other => CompletionResult { job_id: item.job_id, job: None, error: Some(unexpected(other).detail()) },
+        })
+        .collect();
+    Ok(Json(BatchCompleteResponse { results }))
 }
 
 #[utoipa::path(post, path = "/api/jobs/{id}/release", request_body = ReleaseRequest, params(("id" = String, Path)),

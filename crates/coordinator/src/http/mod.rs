@@ -25,7 +25,9 @@ use crate::node::SharedNode;
 pub fn router(node: SharedNode) -> Router {
     let api = Router::new()
         .route("/api/jobs", post(jobs::create_job).get(jobs::list_jobs))
+        .route("/api/jobs/batch", post(jobs::create_jobs))
         .route("/api/jobs/acquire", post(jobs::acquire))
+        .route("/api/jobs/complete", post(jobs::complete_many))
         .route("/api/jobs/{id}", get(jobs::get_job))
         .route("/api/jobs/{id}/complete", post(jobs::complete))
         .route("/api/jobs/{id}/release", post(jobs::release))

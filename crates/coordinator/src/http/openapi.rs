@@ -16,10 +16,12 @@ use crate::node::SharedNode;
     ),
     paths(
         super::jobs::create_job,
+        super::jobs::create_jobs,
         super::jobs::get_job,
         super::jobs::list_jobs,
         super::jobs::acquire,
         super::jobs::complete,
+        super::jobs::complete_many,
         super::jobs::release,
         super::jobs::cancel,
         super::workers::register,
