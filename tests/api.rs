@@ -340,3 +340,38 @@ async fn batch_submit_and_batched_completions() {
     assert!(st == 400 || st == 422, "{st} {bad}");
     c.assert_digests_equal().await;
 }
+
+/// Steps: pipe 2500 JSON lines into `jobsched submit-batch -` (3 requests of
+/// at most 1000); it prints created 2500 and the jobs in input order; the
+/// cluster lists them all; running it again with the same request ids
+/// creates nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_submit_batch_from_json_lines() {
+    use std::io::Write;
+    let c = Cluster::start(Opts::default()).await;
+    let coordinators = c.running().iter().map(|&n| c.url(n)).collect::<Vec<_>>().join(",");
+    let lines: String =
+        (0..2500).map(|i| format!("{{\"type\":\"echo\",\"payload\":{i},\"requestId\":\"cli-{i}\"}}\n")).collect();
+    let run = || {
+        let mut child = std::process::Command::new(common::bin("jobsched"))
+            .args(["--coordinators", &coordinators, "submit-batch", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start jobsched");
+        child.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "jobsched submit-batch failed");
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let first = tokio::task::block_in_place(run);
+    assert_eq!(first["created"], 2500);
+    let jobs = first["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 2500);
+    assert!(jobs.iter().enumerate().all(|(i, j)| j["payload"] == i), "input order kept");
+    let (_, page) = c.get(c.running()[1], "/api/jobs?status=Pending&limit=1000").await;
+    assert_eq!(page["jobs"].as_array().unwrap().len(), 1000);
+    assert!(page["nextCursor"].is_string());
+    let again = tokio::task::block_in_place(run);
+    assert_eq!(again["created"], 0);
+}

@@ -51,6 +51,10 @@ enum Command {
         #[arg(long)]
         request_id: Option<String>,
     },
+    /// Submit many jobs from a file (`-` for stdin): a JSON array of job
+    /// objects or one job object per line, each as for `POST /api/jobs`.
+    /// Sent 1000 per request; prints `{"jobs":[...],"created":N}`.
+    SubmitBatch { file: String },
     /// Show one job.
     Get { id: Uuid },
     /// List jobs, one page.
@@ -114,6 +118,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             print(&client.submit(req).await?.job)
         }
+        Command::SubmitBatch { file } => {
+            let text = if file == "-" {
+                std::io::read_to_string(std::io::stdin()).context("reading stdin")?
+            } else {
+                std::fs::read_to_string(&file).with_context(|| format!("reading {file}"))?
+            };
+            let jobs = parse_job_list(&text)?;
+            let mut all = Vec::with_capacity(jobs.len());
+            let mut created = 0;
+            for chunk in jobs.chunks(jobsched_api::MAX_BATCH_ITEMS) {
+                let answer = client.submit_batch(chunk.to_vec()).await?;
+                created += answer.created;
+                all.extend(answer.jobs);
+            }
+            print(&serde_json::json!({"jobs": all, "created": created}))
+        }
         Command::Get { id } => print(&client.get_job(id).await?),
         Command::List { status, limit, cursor, stale } => {
             print(&client.list_jobs(&ListJobs { status, limit, cursor, stale }).await?)
@@ -123,6 +143,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cluster => print(&client.cluster().await?),
         Command::Health => print(&client.health().await?),
     }
+}
+
+/// A JSON array of jobs, or JSON lines (blank lines skipped).
+fn parse_job_list(text: &str) -> anyhow::Result<Vec<CreateJobRequest>> {
+    let jobs: Vec<CreateJobRequest> = if text.trim_start().starts_with('[') {
+        serde_json::from_str(text).context("the file is not a JSON array of jobs")?
+    } else {
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("line {} is not a job object", i + 1)))
+            .collect::<anyhow::Result<_>>()?
+    };
+    anyhow::ensure!(!jobs.is_empty(), "no jobs in the input");
+    Ok(jobs)
 }
 
 fn print<T: Serialize>(value: &T) -> anyhow::Result<()> {
