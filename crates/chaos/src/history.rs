@@ -25,6 +25,13 @@ pub enum Outcome {
     Unknown,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerFaultKind {
+    Kill,
+    Pause,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Event {
@@ -78,12 +85,38 @@ pub enum Event {
         t_ms: u64,
         job_id: String,
     },
-    /// A fault command started (`leader` is the id substituted for `{leader}`).
+    /// A fault started. `kind` is its label (`leader-kill`, ...), `leader`
+    /// the leader's node id when it started (when known), `target` the node
+    /// id substituted for `{leader}`, `{follower}` or `{random}`.
     FaultStart {
         index: usize,
         t_ms: u64,
+        #[serde(default)]
+        kind: String,
         leader: Option<u64>,
+        #[serde(default)]
+        target: Option<u64>,
         cmd: String,
+    },
+    /// An in-process worker was killed (`kill`: its held jobs are abandoned,
+    /// never reported, and a fresh worker takes its place) or frozen
+    /// (`pause`: no heartbeats, no work for `frozen_ms`, then it tries to
+    /// complete the jobs it held, whose leases must have expired meanwhile).
+    /// `jobs` are the (job id, fencing token) pairs it held.
+    WorkerFault {
+        index: usize,
+        t_ms: u64,
+        worker: usize,
+        kind: WorkerFaultKind,
+        frozen_ms: u64,
+        jobs: Vec<(String, u64)>,
+    },
+    /// A frozen worker resumed: completions it invokes from now on for the
+    /// jobs of its `WorkerFault` must be rejected as stale.
+    WorkerResume {
+        index: usize,
+        t_ms: u64,
+        worker: usize,
     },
     FaultEnd {
         index: usize,

@@ -39,6 +39,10 @@ enum Cmd {
         /// Seconds of submitting (the drain comes after).
         #[arg(long, default_value_t = 60.0)]
         duration: f64,
+        /// Keep submitting past --duration until this many faults have run
+        /// (so a smoke run covers every fault once, a soak run N rounds).
+        #[arg(long, default_value_t = 0)]
+        min_faults: u64,
         /// Concurrent closed-loop submitters.
         #[arg(long, default_value_t = 4)]
         submitters: usize,
@@ -48,9 +52,10 @@ enum Cmd {
         /// History file (JSON lines), overwritten.
         #[arg(long)]
         history: PathBuf,
-        /// Shell command run every --fault-every seconds; `{leader}` becomes
-        /// the current leader's node id. Repeat the flag to rotate through
-        /// several commands.
+        /// Fault run every --fault-every seconds: `[kind: ]COMMAND`, where
+        /// COMMAND is a shell command (`{leader}`, `{follower}`, `{random}`
+        /// become node ids) or a built-in `@worker-kill` /
+        /// `@worker-pause SECONDS`. Repeat the flag to rotate through several.
         #[arg(long)]
         fault_cmd: Vec<String>,
         /// Seconds between fault starts (counted from the previous fault's end).
@@ -69,6 +74,9 @@ enum Cmd {
         /// Lease asked for on acquire, seconds (heartbeats extend it).
         #[arg(long, default_value_t = 10)]
         lease_seconds: u64,
+        /// Worker heartbeat period, milliseconds.
+        #[arg(long, default_value_t = 2000)]
+        heartbeat_ms: u64,
     },
     /// Check a history against the cluster's final state.
     Check {
@@ -88,6 +96,7 @@ async fn main() -> Result<()> {
         Cmd::Run {
             coordinators,
             duration,
+            min_faults,
             submitters,
             workers,
             history,
@@ -97,10 +106,12 @@ async fn main() -> Result<()> {
             op_deadline,
             request_timeout,
             lease_seconds,
+            heartbeat_ms,
         } => {
             run::run(run::RunArgs {
                 coordinators,
                 duration,
+                min_faults,
                 submitters,
                 workers,
                 history,
@@ -110,6 +121,7 @@ async fn main() -> Result<()> {
                 op_deadline,
                 request_timeout,
                 lease_seconds,
+                heartbeat_ms,
             })
             .await
         }

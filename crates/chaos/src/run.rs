@@ -15,14 +15,16 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use jobsched_api::JobView;
 use serde_json::{json, Value};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::cluster;
-use crate::history::{self, Event, Outcome, Recorder};
+use crate::history::{self, Event, Outcome, Recorder, WorkerFaultKind};
 
 pub struct RunArgs {
     pub coordinators: Vec<String>,
     pub duration: f64,
+    pub min_faults: u64,
     pub submitters: usize,
     pub workers: usize,
     pub history: PathBuf,
@@ -32,6 +34,7 @@ pub struct RunArgs {
     pub op_deadline: f64,
     pub request_timeout: f64,
     pub lease_seconds: u64,
+    pub heartbeat_ms: u64,
 }
 
 #[derive(Default)]
@@ -46,6 +49,7 @@ struct Stats {
     complete_rejected: AtomicU64,
     complete_unknown: AtomicU64,
     faults: AtomicU64,
+    faults_done: AtomicU64,
 }
 
 struct Ctx {
@@ -61,6 +65,12 @@ struct Ctx {
     op_deadline: Duration,
     request_timeout: Duration,
     lease_seconds: u64,
+    heartbeat_every: Duration,
+    /// One planned-fault mailbox per worker slot (see `PlannedFault`).
+    slots: Vec<Mutex<Option<PlannedFault>>>,
+    /// Per node: `Some(until)` while submitters avoid it (see
+    /// `Ctx::submit_node`).
+    suspects: Mutex<Vec<Option<Instant>>>,
 }
 
 impl Ctx {
@@ -69,6 +79,44 @@ impl Ctx {
     }
     fn node(&self, i: usize) -> &str {
         &self.nodes[i % self.nodes.len()]
+    }
+
+    /// The node index to send the next submit to: from `i` on (round
+    /// robin), the first node that is not under suspicion, or whose
+    /// suspicion lapsed and that nobody is probing yet (this caller becomes
+    /// the single probe); `i` itself when all are suspect. Like a careful
+    /// client (a circuit breaker): without it every submitter soon sits in a
+    /// request timeout on a frozen or cut-off node at once, and the measured
+    /// unavailability would be the client's request timeout rather than the
+    /// cluster's failover. Such a node still gets a probe every few seconds,
+    /// so a cut-off old leader keeps being asked for writes it must not ack.
+    fn submit_node(&self, i: usize) -> usize {
+        let n = self.nodes.len();
+        let now = Instant::now();
+        let mut s = self.suspects.lock().unwrap();
+        for k in i..i + n {
+            let e = &mut s[k % n];
+            match e {
+                None => return k,
+                Some(until) if *until <= now => {
+                    // Hold the others off while this probe is in flight.
+                    *until = now + self.request_timeout + Duration::from_secs(1);
+                    return k;
+                }
+                Some(_) => {}
+            }
+        }
+        i
+    }
+
+    /// Records how a request to node `i` went: reachable (any HTTP answer)
+    /// clears its suspicion; a timeout or refused connection sets it.
+    fn node_seen(&self, i: usize, reachable: bool) {
+        // Why 2 s: about an election plus a node restart in the chaos runs;
+        // long enough to route around a dead node, short enough to notice
+        // soon that it is back.
+        let n = self.nodes.len();
+        self.suspects.lock().unwrap()[i % n] = (!reachable).then(|| Instant::now() + Duration::from_secs(2));
     }
 }
 
@@ -85,6 +133,7 @@ async fn sleep_unless(stop: &AtomicBool, total: Duration) {
 }
 
 pub async fn run(a: RunArgs) -> Result<()> {
+    let specs = a.fault_cmds.iter().map(|c| FaultSpec::parse(c)).collect::<Result<Vec<_>>>()?;
     let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
     let run_id = Uuid::new_v4().simple().to_string()[..8].to_string();
     let (rec, writer) = history::open(&a.history).await?;
@@ -98,6 +147,9 @@ pub async fn run(a: RunArgs) -> Result<()> {
         op_deadline: Duration::from_secs_f64(a.op_deadline),
         request_timeout: Duration::from_secs_f64(a.request_timeout),
         lease_seconds: a.lease_seconds,
+        heartbeat_every: Duration::from_millis(a.heartbeat_ms.max(50)),
+        slots: (0..a.workers).map(|_| Mutex::new(None)).collect(),
+        suspects: Mutex::new(vec![None; a.coordinators.len()]),
     });
     ctx.rec.record(Event::Start {
         run_id: run_id.clone(),
@@ -122,10 +174,15 @@ pub async fn run(a: RunArgs) -> Result<()> {
     let workers: Vec<_> = (0..a.workers).map(|w| tokio::spawn(worker(ctx.clone(), w, worker_stop.clone()))).collect();
     let submitters: Vec<_> =
         (0..a.submitters).map(|i| tokio::spawn(submitter(ctx.clone(), i, submit_stop.clone()))).collect();
-    let faults = (!a.fault_cmds.is_empty() && a.fault_every > 0.0)
-        .then(|| tokio::spawn(fault_loop(ctx.clone(), a.fault_cmds.clone(), a.fault_every, submit_stop.clone())));
+    let faults = (!specs.is_empty() && a.fault_every > 0.0)
+        .then(|| tokio::spawn(fault_loop(ctx.clone(), specs, a.fault_every, submit_stop.clone())));
 
     tokio::time::sleep(Duration::from_secs_f64(a.duration)).await;
+    if faults.is_some() {
+        while ctx.stats.faults_done.load(Ordering::Relaxed) < a.min_faults {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     submit_stop.store(true, Ordering::Relaxed);
     ctx.rec.record(Event::SubmitStop { t_ms: ctx.ms() });
     println!("t={:.1}s: stop submitting; waiting for in-flight submits and faults", ctx.t0.elapsed().as_secs_f64());
@@ -210,8 +267,12 @@ async fn submitter(ctx: Arc<Ctx>, i: usize, stop: Arc<AtomicBool>) {
         let mut ambiguous = false;
         let (outcome, job_id, status, error, node) = loop {
             tries += 1;
+            node_idx = ctx.submit_node(node_idx);
             let node = ctx.node(node_idx).to_string();
             let res = ctx.http.post(format!("{node}/api/jobs")).json(&body).timeout(ctx.request_timeout).send().await;
+            if res.is_ok() {
+                ctx.node_seen(node_idx, true);
+            }
             let (st, err) = match res {
                 Ok(r) if r.status().is_success() => {
                     let st = r.status().as_u16();
@@ -236,7 +297,10 @@ async fn submitter(ctx: Arc<Ctx>, i: usize, stop: Arc<AtomicBool>) {
                     let o = if ambiguous { Outcome::Unknown } else { Outcome::Failed };
                     break (o, None, Some(st), code, node);
                 }
-                Err(e) => (None, if e.is_timeout() { "timeout".into() } else { format!("transport: {e}") }),
+                Err(e) => {
+                    ctx.node_seen(node_idx, false);
+                    (None, if e.is_timeout() { "timeout".into() } else { format!("transport: {e}") })
+                }
             };
             ambiguous = true;
             add(&ctx.stats.errors);
@@ -313,23 +377,60 @@ async fn register(ctx: &Ctx, w: usize, id: Uuid, node_idx: &mut usize, stop: &At
 /// heartbeat task, which reports them so their leases stay alive.
 type Held = Arc<Mutex<HashMap<Uuid, u64>>>;
 
-/// One worker, speaking only the public HTTP protocol: register, long-poll
-/// acquire, heartbeat the held jobs, complete with the fencing token.
+/// A worker fault waiting for its victim: the worker slot takes it right
+/// after its next acquire that returned jobs, so the fault always hits a
+/// worker that holds work (a fault on an idle worker would test nothing).
+pub struct PlannedFault {
+    index: usize,
+    kind: WorkerFaultKind,
+    frozen: Duration,
+    done: oneshot::Sender<()>,
+}
+
+/// One worker slot: several incarnations (a killed worker is replaced by a
+/// fresh one under a new id), speaking only the public HTTP protocol:
+/// register, long-poll acquire, heartbeat the held jobs, complete with the
+/// fencing token.
 async fn worker(ctx: Arc<Ctx>, w: usize, stop: Arc<AtomicBool>) {
-    let id = Uuid::new_v4();
     let mut node_idx = w;
-    if !register(&ctx, w, id, &mut node_idx, &stop).await {
-        return;
+    loop {
+        let id = Uuid::new_v4();
+        if !register(&ctx, w, id, &mut node_idx, &stop).await {
+            return;
+        }
+        match incarnation(&ctx, w, id, &mut node_idx, &stop).await {
+            Exit::Killed => continue,
+            Exit::Stopped => {
+                let _ = ctx
+                    .http
+                    .delete(format!("{}/api/workers/{id}", ctx.node(node_idx)))
+                    .timeout(ctx.request_timeout)
+                    .send()
+                    .await;
+                return;
+            }
+        }
     }
+}
+
+enum Exit {
+    /// Killed by a worker fault: held jobs abandoned, no deregistration.
+    Killed,
+    /// The run is over.
+    Stopped,
+}
+
+async fn incarnation(ctx: &Arc<Ctx>, w: usize, id: Uuid, node_idx: &mut usize, stop: &AtomicBool) -> Exit {
     let held: Held = Arc::default();
     let hb_stop = Arc::new(AtomicBool::new(false));
-    let hb = tokio::spawn(heartbeat_loop(ctx.clone(), w, id, held.clone(), hb_stop.clone()));
+    let frozen = Arc::new(AtomicBool::new(false));
+    let hb = tokio::spawn(heartbeat_loop(ctx.clone(), w, id, held.clone(), hb_stop.clone(), frozen.clone()));
     let acquire = json!({
         "workerId": id, "jobTypes": ["chaos"], "maxJobs": 8,
         "leaseSeconds": ctx.lease_seconds, "waitSeconds": 1,
     });
     while !stop.load(Ordering::Relaxed) {
-        let node = ctx.node(node_idx).to_string();
+        let node = ctx.node(*node_idx).to_string();
         // The long poll holds the request up to waitSeconds on the server, so
         // the client timeout must be longer than that.
         let res = ctx
@@ -347,18 +448,18 @@ async fn worker(ctx: Arc<Ctx>, w: usize, stop: Arc<AtomicBool>) {
             Ok(r) if r.status() == 409 || r.status() == 404 => {
                 // worker_dead (e.g. declared dead while the cluster was down):
                 // register again under the same id.
-                register(&ctx, w, id, &mut node_idx, &stop).await;
+                register(ctx, w, id, node_idx, stop).await;
                 continue;
             }
             _ => {
                 add(&ctx.stats.errors);
-                node_idx += 1;
+                *node_idx += 1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        let mut set = tokio::task::JoinSet::new();
-        for j in jobs {
+        let mut list = Vec::new();
+        for j in &jobs {
             let token = j.fencing_token.unwrap_or(0);
             add(&ctx.stats.acquired);
             ctx.rec.record(Event::Acquire {
@@ -370,8 +471,42 @@ async fn worker(ctx: Arc<Ctx>, w: usize, stop: Arc<AtomicBool>) {
                 token,
             });
             held.lock().unwrap().insert(j.id, token);
+            list.push((j.id.to_string(), token));
+        }
+        let planned = if jobs.is_empty() { None } else { ctx.slots[w].lock().unwrap().take() };
+        if let Some(p) = planned {
+            ctx.rec.record(Event::WorkerFault {
+                index: p.index,
+                t_ms: ctx.ms(),
+                worker: w,
+                kind: p.kind,
+                frozen_ms: p.frozen.as_millis() as u64,
+                jobs: list,
+            });
+            match p.kind {
+                WorkerFaultKind::Kill => {
+                    // Like kill -9: no more heartbeats, no reports, no goodbye.
+                    hb.abort();
+                    let _ = p.done.send(());
+                    return Exit::Killed;
+                }
+                WorkerFaultKind::Pause => {
+                    // Like SIGSTOP: the heartbeat task skips its beats and
+                    // the jobs sit untouched; afterwards the worker carries on
+                    // as if nothing happened and reports them.
+                    frozen.store(true, Ordering::SeqCst);
+                    tokio::time::sleep(p.frozen).await;
+                    frozen.store(false, Ordering::SeqCst);
+                    ctx.rec.record(Event::WorkerResume { index: p.index, t_ms: ctx.ms(), worker: w });
+                    let _ = p.done.send(());
+                }
+            }
+        }
+        let mut set = tokio::task::JoinSet::new();
+        for j in jobs {
+            let token = j.fencing_token.unwrap_or(0);
             let (ctx, held) = (ctx.clone(), held.clone());
-            let start_idx = node_idx + 1;
+            let start_idx = *node_idx + 1;
             set.spawn(async move {
                 // Simulated work, long enough that faults land mid-job.
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -386,8 +521,7 @@ async fn worker(ctx: Arc<Ctx>, w: usize, stop: Arc<AtomicBool>) {
     }
     hb_stop.store(true, Ordering::Relaxed);
     let _ = hb.await;
-    let _ =
-        ctx.http.delete(format!("{}/api/workers/{id}", ctx.node(node_idx))).timeout(ctx.request_timeout).send().await;
+    Exit::Stopped
 }
 
 async fn complete(ctx: &Ctx, w: usize, mut node_idx: usize, job: Uuid, token: u64, success: bool) {
@@ -420,12 +554,16 @@ async fn complete(ctx: &Ctx, w: usize, mut node_idx: usize, job: Uuid, token: u6
     });
 }
 
-async fn heartbeat_loop(ctx: Arc<Ctx>, w: usize, id: Uuid, held: Held, stop: Arc<AtomicBool>) {
+async fn heartbeat_loop(ctx: Arc<Ctx>, w: usize, id: Uuid, held: Held, stop: Arc<AtomicBool>, frozen: Arc<AtomicBool>) {
     let mut node_idx = w + 1;
-    // Why 2 s: well under the lease (default 10 s) even when one beat is
-    // lost to a fault and the next goes to another node.
+    // Why this period (--heartbeat-ms, 2 s by default): a few beats per
+    // lease, so one beat lost to a fault (and the request timeout it costs)
+    // does not let a healthy worker's leases run out.
     while !stop.load(Ordering::Relaxed) {
-        sleep_unless(&stop, Duration::from_secs(2)).await;
+        sleep_unless(&stop, ctx.heartbeat_every).await;
+        if frozen.load(Ordering::SeqCst) {
+            continue;
+        }
         let jobs: Vec<Value> =
             held.lock().unwrap().iter().map(|(j, t)| json!({"jobId": j, "fencingToken": t})).collect();
         let node = ctx.node(node_idx).to_string();
@@ -473,51 +611,188 @@ async fn drain(ctx: &Ctx, limit: Duration) -> (bool, usize) {
     }
 }
 
-/// Every `every` seconds: find the leader, substitute it for `{leader}` in
-/// the next command (round robin over the commands) and run it with `sh -c`,
-/// waiting for it to finish before the next period starts counting.
-async fn fault_loop(ctx: Arc<Ctx>, cmds: Vec<String>, every: f64, stop: Arc<AtomicBool>) {
+/// One `--fault-cmd`: an optional `kind: ` label, then a shell command or
+/// a built-in `@worker-kill` / `@worker-pause SECONDS`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FaultSpec {
+    pub kind: String,
+    pub action: FaultAction,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum FaultAction {
+    Shell(String),
+    Worker(WorkerFaultKind, Duration),
+}
+
+impl FaultSpec {
+    pub fn parse(s: &str) -> Result<FaultSpec> {
+        let s = s.trim();
+        let (label, rest) = match s.split_once(": ") {
+            Some((l, r)) if !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') => {
+                (Some(l.to_string()), r.trim())
+            }
+            _ => (None, s),
+        };
+        let action = if let Some(builtin) = rest.strip_prefix('@') {
+            let mut words = builtin.split_whitespace();
+            match (words.next(), words.next(), words.next()) {
+                (Some("worker-kill"), None, None) => FaultAction::Worker(WorkerFaultKind::Kill, Duration::ZERO),
+                (Some("worker-pause"), Some(secs), None) => {
+                    let secs: f64 = secs.parse().map_err(|_| anyhow::anyhow!("@worker-pause: bad seconds {secs:?}"))?;
+                    FaultAction::Worker(WorkerFaultKind::Pause, Duration::from_secs_f64(secs))
+                }
+                _ => anyhow::bail!("unknown built-in fault {rest:?} (known: @worker-kill, @worker-pause SECONDS)"),
+            }
+        } else {
+            FaultAction::Shell(rest.to_string())
+        };
+        let kind = label.unwrap_or_else(|| rest.split_whitespace().next().unwrap_or("fault").to_string());
+        Ok(FaultSpec { kind, action })
+    }
+}
+
+/// A small xorshift generator: fault targets need variety, not quality, and
+/// the seed is printed so a run's choices can be told apart.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
+/// Every `every` seconds: find the leader, substitute node ids for
+/// `{leader}`, `{follower}` (a random other node) and `{random}` (any node;
+/// node ids are taken to be 1..=N in the order of --coordinators) in the next
+/// fault (round robin) and run it, waiting for it to finish before the next
+/// period starts counting, so faults never overlap.
+async fn fault_loop(ctx: Arc<Ctx>, specs: Vec<FaultSpec>, every: f64, stop: Arc<AtomicBool>) {
+    let mut rng = Rng(u64::from_le_bytes(Uuid::new_v4().as_bytes()[..8].try_into().unwrap_or([7; 8])) | 1);
+    let n = ctx.nodes.len() as u64;
     let mut index = 0usize;
     loop {
         sleep_unless(&stop, Duration::from_secs_f64(every)).await;
         if stop.load(Ordering::Relaxed) {
             return;
         }
-        let cmd_tpl = &cmds[index % cmds.len()];
-        let mut leader = None;
-        if cmd_tpl.contains("{leader}") {
-            // During an election there is briefly no leader; wait for one.
-            let end = Instant::now() + Duration::from_secs(10);
-            while leader.is_none() && Instant::now() < end {
-                leader = cluster::leader(&ctx.http, &ctx.nodes).await;
-                if leader.is_none() {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-            if leader.is_none() {
-                println!("fault {index}: no leader found within 10 s, skipped");
-                index += 1;
-                continue;
-            }
+        let spec = &specs[index % specs.len()];
+        // Always look for the leader (for the record); wait for one when the
+        // command needs it: during an election there is briefly none.
+        let needs_leader =
+            matches!(&spec.action, FaultAction::Shell(c) if c.contains("{leader}") || c.contains("{follower}"));
+        let mut leader = cluster::leader(&ctx.http, &ctx.nodes).await;
+        let end = Instant::now() + Duration::from_secs(10);
+        while needs_leader && leader.is_none() && Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            leader = cluster::leader(&ctx.http, &ctx.nodes).await;
         }
-        let cmd = cmd_tpl.replace("{leader}", &leader.map(|l| l.to_string()).unwrap_or_default());
-        add(&ctx.stats.faults);
-        ctx.rec.record(Event::FaultStart { index, t_ms: ctx.ms(), leader, cmd: cmd.clone() });
-        println!("t={:.1}s fault {index}: {cmd}", ctx.t0.elapsed().as_secs_f64());
-        let exit_code = match tokio::process::Command::new("sh")
-            .arg("-c")
-            .arg(&cmd)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .await
-        {
-            Ok(s) => s.code(),
-            Err(e) => {
-                println!("fault {index}: could not run: {e}");
-                None
+        if needs_leader && leader.is_none() {
+            // Counted as done so --min-faults cannot wait forever on a
+            // cluster without a leader (the drain and check then fail).
+            println!("fault {index}: no leader found within 10 s, skipped");
+            add(&ctx.stats.faults_done);
+            index += 1;
+            continue;
+        }
+        let (cmd, target) = match &spec.action {
+            FaultAction::Shell(c) => {
+                let mut target = None;
+                let mut cmd = c.clone();
+                if cmd.contains("{leader}") {
+                    target = leader;
+                } else if cmd.contains("{follower}") {
+                    let l = leader.unwrap_or(1);
+                    let others: Vec<u64> = (1..=n).filter(|&i| i != l).collect();
+                    target = others.get(rng.below(others.len() as u64) as usize).copied();
+                } else if cmd.contains("{random}") {
+                    target = Some(1 + rng.below(n));
+                }
+                let t = target.map(|t| t.to_string()).unwrap_or_default();
+                for k in ["{leader}", "{follower}", "{random}"] {
+                    cmd = cmd.replace(k, &t);
+                }
+                (cmd, target)
             }
+            FaultAction::Worker(k, d) => (format!("@worker-{k:?} {:.1}s", d.as_secs_f64()).to_lowercase(), None),
+        };
+        add(&ctx.stats.faults);
+        ctx.rec.record(Event::FaultStart {
+            index,
+            t_ms: ctx.ms(),
+            kind: spec.kind.clone(),
+            leader,
+            target,
+            cmd: cmd.clone(),
+        });
+        println!("t={:.1}s fault {index} [{}]: {cmd}", ctx.t0.elapsed().as_secs_f64(), spec.kind);
+        let exit_code = match &spec.action {
+            FaultAction::Shell(_) => match tokio::process::Command::new("sh")
+                .arg("-c")
+                .arg(&cmd)
+                .stdout(std::process::Stdio::null())
+                .status()
+                .await
+            {
+                Ok(s) => s.code(),
+                Err(e) => {
+                    println!("fault {index}: could not run: {e}");
+                    None
+                }
+            },
+            FaultAction::Worker(kind, frozen) => worker_fault(&ctx, &mut rng, index, *kind, *frozen).await,
         };
         ctx.rec.record(Event::FaultEnd { index, t_ms: ctx.ms(), exit_code });
+        add(&ctx.stats.faults_done);
         index += 1;
+    }
+}
+
+/// Plans a worker fault on a random worker slot and waits until the worker
+/// took it and (for a pause) resumed. Exit code 0, or 1 when no worker
+/// acquired a job within 20 s (the planned fault is withdrawn).
+async fn worker_fault(ctx: &Ctx, rng: &mut Rng, index: usize, kind: WorkerFaultKind, frozen: Duration) -> Option<i32> {
+    if ctx.slots.is_empty() {
+        return Some(1);
+    }
+    let w = rng.below(ctx.slots.len() as u64) as usize;
+    let (tx, rx) = oneshot::channel();
+    *ctx.slots[w].lock().unwrap() = Some(PlannedFault { index, kind, frozen, done: tx });
+    let wait = Duration::from_secs(25) + frozen;
+    match tokio::time::timeout(wait, rx).await {
+        Ok(Ok(())) => Some(0),
+        _ => {
+            ctx.slots[w].lock().unwrap().take();
+            println!("fault {index}: worker {w} acquired nothing within {} s", wait.as_secs());
+            Some(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_specs_parse() {
+        let s = FaultSpec::parse("leader-kill: scripts/cluster.sh kill {leader}; sleep 2").unwrap();
+        assert_eq!(s.kind, "leader-kill");
+        assert_eq!(s.action, FaultAction::Shell("scripts/cluster.sh kill {leader}; sleep 2".into()));
+        // No label: the kind is the command's first word.
+        let s = FaultSpec::parse("scripts/cluster.sh pause {leader}").unwrap();
+        assert_eq!(s.kind, "scripts/cluster.sh");
+        let s = FaultSpec::parse("wp: @worker-pause 8.5").unwrap();
+        assert_eq!(s.action, FaultAction::Worker(WorkerFaultKind::Pause, Duration::from_millis(8500)));
+        let s = FaultSpec::parse("@worker-kill").unwrap();
+        assert_eq!(
+            (s.kind.as_str(), s.action),
+            ("@worker-kill", FaultAction::Worker(WorkerFaultKind::Kill, Duration::ZERO))
+        );
+        assert!(FaultSpec::parse("@worker-pause").is_err());
+        assert!(FaultSpec::parse("@worker-pause soon").is_err());
+        assert!(FaultSpec::parse("@reboot").is_err());
     }
 }

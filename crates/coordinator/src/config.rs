@@ -4,7 +4,7 @@
 //! Every field is documented with its unit and default here and in the README;
 //! [`Config::validate`] rejects inconsistent values at start-up, naming the key.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -66,6 +66,12 @@ pub struct Config {
     pub max_batch: usize,
     /// Largest request body, bytes. Default 1048576.
     pub max_body_bytes: usize,
+    /// Local IP that outgoing node-to-node connections (Raft RPCs, relays
+    /// to the leader) are bound to; default: none (the OS picks). Chaos runs
+    /// give each node its own loopback IP so firewall rules can cut one
+    /// node off from its peers while clients still reach it.
+    #[serde(default)]
+    pub outbound_bind: Option<IpAddr>,
     /// Log format: "text" or "json". Default text.
     pub log_format: String,
     /// tracing filter, e.g. "info,openraft=warn". Default "info,openraft=warn".
@@ -90,6 +96,7 @@ impl Default for Config {
             propose_timeout_ms: 10_000,
             max_batch: 256,
             max_body_bytes: 1 << 20,
+            outbound_bind: None,
             log_format: "text".into(),
             log_filter: "info,openraft=warn".into(),
         }
@@ -116,6 +123,10 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
+    /// Local IP for outgoing node-to-node connections.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outbound_bind: Option<IpAddr>,
     /// "text" or "json".
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -135,7 +146,7 @@ pub enum Subcommand {
 }
 
 /// Config keys that may be set as `JOBSCHED_<KEY>` environment variables.
-const ENV_KEYS: [&str; 17] = [
+const ENV_KEYS: [&str; 18] = [
     "node_id",
     "listen",
     "advertise",
@@ -151,6 +162,7 @@ const ENV_KEYS: [&str; 17] = [
     "propose_timeout_ms",
     "max_batch",
     "max_body_bytes",
+    "outbound_bind",
     "log_format",
     "log_filter",
 ];

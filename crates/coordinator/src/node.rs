@@ -181,7 +181,11 @@ pub async fn run_with_listener(
     let applied = sm.subscribe_applied();
     let sm_kv = sm.kv();
 
-    let http = reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(30)).tcp_nodelay(true).build()?;
+    let http = reqwest::Client::builder()
+        .pool_idle_timeout(Duration::from_secs(30))
+        .tcp_nodelay(true)
+        .local_address(config.outbound_bind)
+        .build()?;
     let raft_cfg = Arc::new(jobsched_raft::raft_config(
         config.heartbeat_ms,
         config.election_min_ms,
