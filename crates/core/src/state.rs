@@ -21,6 +21,8 @@ use crate::Millis;
 /// How many delayed jobs one batch promotes at most; the rest follow in the
 /// next batches (the leader's monitors propose regularly).
 const PROMOTE_PER_BATCH: usize = 10_000;
+/// Delayed-index entries read at a time while promoting.
+const PROMOTE_PAGE: usize = 64;
 
 /// Apply one Raft entry's batch at `log_index`. Writes go to `kv`; the caller
 /// commits them atomically with its last-applied marker.
@@ -174,28 +176,48 @@ impl State<'_, '_> {
         self.kv.put(keys::worker(w.id), encode(w));
     }
 
-    /// Move delayed jobs whose time has come into the ready indexes.
+    /// Move delayed jobs whose time has come into the ready indexes (at most
+    /// `PROMOTE_PER_BATCH` per batch, earliest first).
+    ///
+    /// Reads the delayed index in small pages and stops at the first job not
+    /// yet due: every batch runs this, and with many jobs waiting (a large
+    /// `runAt` backlog, retries in backoff) reading a big fixed page each
+    /// time would cost far more than the batch itself.
     fn promote_due(&mut self) -> Result<(), KvError> {
-        let due = self.kv.scan(&[keys::DELAYED], &[keys::DELAYED], PROMOTE_PER_BATCH)?;
-        for (k, v) in due {
-            if keys::time_from_bytes(&k[1..9]) > self.clock {
-                break;
+        let prefix = [keys::DELAYED];
+        let mut start = prefix.to_vec();
+        let mut promoted = 0;
+        loop {
+            let page_len = PROMOTE_PAGE.min(PROMOTE_PER_BATCH - promoted);
+            let page = self.kv.scan(&prefix, &start, page_len)?;
+            let full = page.len() == page_len;
+            for (k, v) in page {
+                if keys::time_from_bytes(&k[1..9]) > self.clock {
+                    return Ok(());
+                }
+                let id = keys::id_from_value(&v)?;
+                let Some(old) = self.load_job(id)? else {
+                    return Err(KvError(format!("delayed index points at missing job {id}")));
+                };
+                let mut job = old.clone();
+                job.status = JobStatus::Pending;
+                // Placement of `old` is computed with the current clock, which would
+                // call a due Pending job Ready; remove its delayed key explicitly.
+                // The next page starts right after this key.
+                start.clear();
+                start.extend_from_slice(&k);
+                start.push(0);
+                self.kv.delete(k);
+                if old.status != job.status {
+                    job.updated_at = self.clock;
+                }
+                self.save_job_promoted(&old, &job);
+                promoted += 1;
             }
-            let id = keys::id_from_value(&v)?;
-            let Some(old) = self.load_job(id)? else {
-                return Err(KvError(format!("delayed index points at missing job {id}")));
-            };
-            let mut job = old.clone();
-            job.status = JobStatus::Pending;
-            // Placement of `old` is computed with the current clock, which would
-            // call a due Pending job Ready; remove its delayed key explicitly.
-            self.kv.delete(k);
-            if old.status != job.status {
-                job.updated_at = self.clock;
+            if !full || promoted >= PROMOTE_PER_BATCH {
+                return Ok(());
             }
-            self.save_job_promoted(&old, &job);
         }
-        Ok(())
     }
 
     fn save_job_promoted(&mut self, old: &Job, new: &Job) {

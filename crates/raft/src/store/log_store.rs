@@ -7,17 +7,21 @@
 //! - There are no holes: `append` adds a consecutive run, `truncate` removes a
 //!   suffix, `purge` removes a prefix and records `last_purged` in the same
 //!   WriteBatch, so `get_log_state` still knows it once every entry is gone.
-//! - Every write here is synced (`WriteOptions::set_sync(true)`), and `append`
-//!   calls openraft's flush callback only after the synced write returned:
-//!   acknowledged means on disk. The write runs in `spawn_blocking` so an
-//!   fsync never stalls the async runtime.
+//! - Every write here is durable before openraft is told so. Votes, truncates
+//!   and purges are synced writes (`WriteOptions::set_sync(true)`, run in
+//!   `spawn_blocking` so an fsync never stalls the async runtime). `append`
+//!   is split in two (group commit of the WAL, see [`WalSyncer`]): the
+//!   entries are written unsynced, so they are readable as soon as `append`
+//!   returns (openraft's contract), and openraft's flush callback is called
+//!   by the syncer thread only after a WAL fsync that started after the
+//!   write: acknowledged still means on disk.
 //! - openraft serialises all calls that take `&mut self`; readers
 //!   ([`LogStore`] clones handed out by `get_log_reader`) only read, and
 //!   RocksDB gives them a consistent view of each key.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Weak};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{LogState, OptionalSend, RaftLogReader, StorageIOError};
@@ -30,10 +34,66 @@ const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_LAST_PURGED: &[u8] = b"last_purged";
 
-/// The node's Raft log (cheap to clone; clones share the database).
+/// The node's Raft log (cheap to clone; clones share the database and the
+/// WAL syncer).
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
+    syncer: WalSyncer,
+}
+
+/// Group commit of the write-ahead log: one thread per store that fsyncs the
+/// WAL and then completes every append callback queued before the fsync
+/// began.
+///
+/// Why: with a synced write per append, openraft's core task waits for the
+/// fsync inside `append` before it can even send the entries to the
+/// followers, so the leader's fsync and the followers' ran one after the
+/// other. Writing unsynced and syncing here lets the leader replicate at once
+/// (its fsync and the followers' overlap), and one fsync covers every append
+/// that arrived meanwhile.
+///
+/// Durability: `append` queues its callback only after its unsynced write
+/// returned, i.e. after the write is in the WAL file (not yet on disk). The
+/// thread takes callbacks off the queue, then calls `flush_wal(true)`, which
+/// fsyncs the WAL up to everything written before it started: every
+/// callback it then completes belongs to a write that is on disk. Callbacks
+/// are completed in queue order, which is append order.
+#[derive(Clone)]
+struct WalSyncer {
+    tx: mpsc::Sender<LogFlushed<TypeConfig>>,
+}
+
+impl WalSyncer {
+    /// Start the thread. It holds only a weak reference to the database, so
+    /// dropping the stores closes the database at once; the thread ends when
+    /// the last [`LogStore`] clone (and so the last sender) is gone.
+    fn start(db: &Arc<DB>) -> WalSyncer {
+        let (tx, rx) = mpsc::channel::<LogFlushed<TypeConfig>>();
+        let weak: Weak<DB> = Arc::downgrade(db);
+        let spawned = std::thread::Builder::new().name("wal-sync".into()).spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut batch = vec![first];
+                batch.extend(rx.try_iter());
+                let synced = match weak.upgrade() {
+                    Some(db) => db.flush_wal(true).map_err(|e| std::io::Error::other(format!("WAL fsync: {e}"))),
+                    None => Err(std::io::Error::other("the log store was closed before its WAL was synced")),
+                };
+                for cb in batch {
+                    cb.log_io_completed(match &synced {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+                    });
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            // Without the thread, appends would never be acknowledged; a
+            // process that cannot start one thread is not going to run Raft.
+            panic!("cannot start the WAL sync thread: {e}");
+        }
+        WalSyncer { tx }
+    }
 }
 
 pub(crate) fn log_key(index: u64) -> [u8; 8] {
@@ -53,7 +113,8 @@ fn synced() -> WriteOptions {
 
 impl LogStore {
     pub(crate) fn new(db: Arc<DB>) -> Self {
-        LogStore { db }
+        let syncer = WalSyncer::start(&db);
+        LogStore { db, syncer }
     }
 
     fn last_entry_id(&self) -> Result<Option<LogId>, StoreError> {
@@ -189,38 +250,44 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut encoded = Vec::new();
-        for entry in entries {
-            match encode(&entry) {
-                Ok(v) => encoded.push((log_key(entry.log_id.index), v)),
-                Err(e) => {
-                    let err = std::io::Error::other(e.to_string());
-                    callback.log_io_completed(Err(err));
-                    return Err(StorageIOError::write_log_entry(entry.log_id, e.any()).into());
-                }
-            }
-        }
-        let res = self
-            .write_synced(move |db, b| {
-                let logs = cf(db, CF_LOGS)?;
-                for (k, v) in encoded {
-                    b.put_cf(logs, k, v);
-                }
-                Ok(())
-            })
-            .await;
-        // The synced write returned: the entries are on disk (and readable)
-        // before openraft hears about it.
-        match res {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
+        let fail = |callback: LogFlushed<TypeConfig>, e: &StoreError| {
+            callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+        };
+        let logs = match cf(&self.db, CF_LOGS) {
+            Ok(logs) => logs,
             Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(StorageIOError::write_logs(e.any()).into())
+                fail(callback, &e);
+                return Err(StorageIOError::write_logs(e.any()).into());
             }
+        };
+        let mut batch = WriteBatch::default();
+        let mut buf = Vec::new();
+        for entry in entries {
+            buf.clear();
+            buf.push(super::STORE_VERSION);
+            if let Err(e) = bincode::serialize_into(&mut buf, &entry) {
+                let e = StoreError::from(e);
+                fail(callback, &e);
+                return Err(StorageIOError::write_log_entry(entry.log_id, e.any()).into());
+            }
+            batch.put_cf(logs, log_key(entry.log_id.index), &buf);
         }
+        // Unsynced: into the WAL file and the memtable, so readable at once
+        // (openraft reads the entries back to replicate them as soon as this
+        // returns). Inline rather than on a blocking thread: without fsync
+        // this is a buffered write() plus a memtable insert. Durability comes
+        // from the syncer, which completes `callback` after a WAL fsync.
+        if let Err(e) = self.db.write_opt(batch, &WriteOptions::default()) {
+            let e = StoreError::from(e);
+            fail(callback, &e);
+            return Err(StorageIOError::write_logs(e.any()).into());
+        }
+        if let Err(mpsc::SendError(callback)) = self.syncer.tx.send(callback) {
+            let e = StoreError::Corrupt("the WAL sync thread is gone".into());
+            fail(callback, &e);
+            return Err(StorageIOError::write_logs(e.any()).into());
+        }
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {

@@ -18,8 +18,10 @@
 //! All column families share one write-ahead log, and RocksDB appends to it in
 //! write order. A write with `sync = true` fsyncs the WAL up to and including
 //! itself, so it also makes every earlier write durable, whatever its column
-//! family. The log store syncs every append, vote, truncate and purge; the
-//! state machine writes unsynced. After a crash, recovery replays the WAL up
+//! family; so does a WAL fsync on its own (`flush_wal(true)`). The log store
+//! syncs every vote, truncate and purge, and acknowledges every append only
+//! after a WAL fsync that began after the append's write (group commit, see
+//! `log_store`); the state machine writes unsynced. After a crash, recovery replays the WAL up
 //! to the last durable point, and because each apply step is one WriteBatch
 //! (data, `last_applied` and membership together) the state machine comes
 //! back at some exact earlier `last_applied`, never half an entry. openraft then re-applies the
@@ -30,13 +32,16 @@
 //!
 //! ## Memory
 //!
-//! One LRU block cache shared by all column families (index and filter blocks
-//! included), modest memtables, and a cap on total WAL size so that rarely
+//! One LRU block cache shared by all column families (for the log and
+//! metadata also their index and filter blocks; the state machine's stay in
+//! its table readers, see `open_db`), modest memtables, and a cap on total
+//! WAL size so that rarely
 //! written column families (votes, metadata) get flushed and old WAL files
 //! can be deleted. These numbers are the knobs for the "< 200 MB per node
 //! with 1M jobs" goal.
 
 mod log_store;
+mod scan_hints;
 mod state_machine;
 
 use std::path::{Path, PathBuf};
@@ -69,6 +74,9 @@ const LOG_WRITE_BUFFER_BYTES: usize = 16 << 20;
 /// Memtable size of the small metadata column families.
 const META_WRITE_BUFFER_BYTES: usize = 1 << 20;
 /// Upper bound of all memtables together.
+/// (With 1M retained jobs a node stays near 200 MiB resident; cutting this
+/// budget to 24 MiB cache + 48 MiB memtables did not lower it: see
+/// docs/benchmarks.md.)
 const DB_WRITE_BUFFER_BYTES: usize = 64 << 20;
 /// When the WALs exceed this, RocksDB flushes the column families that keep
 /// the oldest WAL alive.
@@ -117,12 +125,26 @@ fn open_db(path: &Path) -> Result<DB, OpenError> {
     let cf_opts = |write_buffer: usize, bloom: bool| {
         let mut table = BlockBasedOptions::default();
         table.set_block_cache(&cache);
-        table.set_cache_index_and_filter_blocks(true);
-        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+        let mut o = Options::default();
         if bloom {
             table.set_bloom_filter(10.0, false);
+            // Index and filter blocks stay in the table readers, outside the
+            // block cache. Why: the state machine does several point lookups
+            // per command that mostly miss (request ids, fresh job ids), and
+            // each one needs the filter block of every level. In the shared
+            // block cache a whole-file filter block (about 1 MiB per 64 MiB
+            // file) was evicted by data blocks and re-read and checksummed
+            // from disk on most lookups: the top of the profile. Held by the
+            // readers they cost about 1.5 bytes per key (~10 MiB at 1M jobs).
+            table.set_cache_index_and_filter_blocks(false);
+            // A bloom filter over the memtable too, so a miss does not walk
+            // the skip list.
+            o.set_memtable_prefix_bloom_ratio(0.1);
+            o.set_memtable_whole_key_filtering(true);
+        } else {
+            table.set_cache_index_and_filter_blocks(true);
+            table.set_pin_l0_filter_and_index_blocks_in_cache(true);
         }
-        let mut o = Options::default();
         o.set_write_buffer_size(write_buffer);
         o.set_max_write_buffer_number(2);
         o.set_block_based_table_factory(&table);

@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
+use super::scan_hints::{prefix_end, ScanHints};
 use super::{blocking, cf, encode, get_meta, sync_dir, StoreError, CF_SM, CF_SM_META};
 use crate::snapshot_file::{self, Fnv64, SnapshotReader, SnapshotWriter};
 use crate::types::{BatchResponse, Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
@@ -77,6 +78,8 @@ struct Shared {
     snapshot_lock: Mutex<()>,
     /// Last applied log index (0 before any).
     applied_tx: watch::Sender<u64>,
+    /// Where live keys of scanned prefixes begin (apply path only).
+    hints: Mutex<ScanHints>,
 }
 
 impl Shared {
@@ -84,6 +87,15 @@ impl Shared {
         // A panic while holding the lock leaves nothing half-done that the
         // install marker does not cover, so poisoning is not an error here.
         self.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn hints(&self) -> MutexGuard<'_, ScanHints> {
+        // Hints are rebuilt from scratch if a panic left them half-updated.
+        self.hints.lock().unwrap_or_else(|p| {
+            let mut g = p.into_inner();
+            g.clear();
+            g
+        })
     }
 
     fn publish_applied(&self, index: Option<u64>) {
@@ -105,18 +117,6 @@ fn unsynced() -> WriteOptions {
 }
 
 // ----- reading the key space ------------------------------------------------
-
-/// The first key after every key starting with `prefix`, if any.
-fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return Some(end);
-        }
-    }
-    None
-}
 
 fn scan_opts(prefix: &[u8]) -> ReadOptions {
     let mut o = ReadOptions::default();
@@ -150,14 +150,23 @@ fn scan_iter(
     Ok(out)
 }
 
+fn cf_meta(db: &DB) -> Result<&ColumnFamily, KvError> {
+    Ok(cf(db, CF_SM_META)?)
+}
+
 fn db_kv(e: rocksdb::Error) -> KvError {
     KvError(format!("rocksdb: {e}"))
 }
 
-/// `KvRead` over the live `sm` column family.
+/// `KvRead` over the live `sm` column family. Prefix scans start where the
+/// prefix's live keys begin (see `scan_hints`); with `learn_at` (the apply
+/// path, the only writer, reading the state at that applied index) they
+/// also record what they find.
 struct DbKv<'a> {
     db: &'a DB,
     cf: &'a ColumnFamily,
+    shared: &'a Shared,
+    learn_at: Option<u64>,
 }
 
 impl KvRead for DbKv<'_> {
@@ -166,14 +175,27 @@ impl KvRead for DbKv<'_> {
     }
 
     fn scan(&self, prefix: &[u8], start: &[u8], limit: usize) -> Result<Rows, KvError> {
-        scan_iter(self.db.raw_iterator_cf_opt(self.cf, scan_opts(prefix)), prefix, start, limit)
+        let from = if start < prefix { prefix } else { start };
+        let (seek, from_front) = self.shared.hints().seek_for(prefix, from, None);
+        let rows = scan_iter(self.db.raw_iterator_cf_opt(self.cf, scan_opts(prefix)), prefix, &seek, limit)?;
+        // Only the apply thread writes `sm`, and it is the one learning:
+        // nothing was written between the scan and this.
+        if let Some(at) = self.learn_at {
+            if from_front && limit > 0 {
+                self.shared.hints().learn(prefix, rows.first().map(|(k, _)| k.as_slice()), at);
+            }
+        }
+        Ok(rows)
     }
 }
 
-/// `KvRead` over a RocksDB snapshot of the `sm` column family.
+/// `KvRead` over a RocksDB snapshot of the `sm` column family, whose state
+/// is that at applied index `applied` (for using scan hints).
 struct SnapKv<'a> {
     snap: &'a rocksdb::SnapshotWithThreadMode<'a, DB>,
     cf: &'a ColumnFamily,
+    shared: &'a Shared,
+    applied: u64,
 }
 
 impl KvRead for SnapKv<'_> {
@@ -182,7 +204,9 @@ impl KvRead for SnapKv<'_> {
     }
 
     fn scan(&self, prefix: &[u8], start: &[u8], limit: usize) -> Result<Rows, KvError> {
-        scan_iter(self.snap.raw_iterator_cf_opt(self.cf, scan_opts(prefix)), prefix, start, limit)
+        let from = if start < prefix { prefix } else { start };
+        let (seek, _) = self.shared.hints().seek_for(prefix, from, Some(self.applied));
+        scan_iter(self.snap.raw_iterator_cf_opt(self.cf, scan_opts(prefix)), prefix, &seek, limit)
     }
 }
 
@@ -202,7 +226,8 @@ impl SmKv {
     fn with_kv<R>(&self, f: impl FnOnce(&DbKv<'_>) -> Result<R, KvError>) -> Result<R, KvError> {
         let db = &*self.shared.db;
         let cf = cf(db, CF_SM)?;
-        f(&DbKv { db, cf })
+        // Not the apply path: uses hints, learns none (see `scan_hints`).
+        f(&DbKv { db, cf, shared: &self.shared, learn_at: None })
     }
 
     /// Run `f` against one RocksDB snapshot of the state machine: every read
@@ -215,7 +240,11 @@ impl SmKv {
         let db = &*self.shared.db;
         let cf = cf(db, CF_SM)?;
         let snap = self.stable_snapshot()?;
-        Ok(f(&SnapKv { snap: &snap, cf }))
+        let applied = match snap.get_cf(cf_meta(db)?, KEY_LAST_APPLIED).map_err(db_kv)? {
+            Some(v) => super::decode::<Option<LogId>>(&v)?.map_or(0, |l| l.index),
+            None => 0,
+        };
+        Ok(f(&SnapKv { snap: &snap, cf, shared: &self.shared, applied }))
     }
 
     /// A RocksDB snapshot that does not show a half-installed state. The
@@ -462,8 +491,13 @@ impl Shared {
         // 3. The marker, synced: from here a crash makes `open` redo step 4.
         let pending = PendingInstall { meta: meta.clone(), file: name.clone() };
         self.db.put_cf_opt(cf(&self.db, CF_SM_META)?, KEY_PENDING, encode(&pending)?, &synced())?;
-        // 4. Replace the state; the last batch clears the marker.
-        load_snapshot_file(&self.db, &final_path, &meta)?;
+        // 4. Replace the state; the last batch clears the marker. Hints
+        //    describe the old state: forget them (before and after, so that
+        //    nothing learned in between survives).
+        self.hints().clear();
+        let loaded = load_snapshot_file(&self.db, &final_path, &meta);
+        self.hints().clear();
+        loaded?;
         self.remove_snapshots_except(Some(&name), false)?;
         drop(_g);
         self.publish_applied(meta.last_log_id.map(|l| l.index));
@@ -516,10 +550,13 @@ fn apply_entries(shared: &Shared, entries: Vec<Entry>) -> Result<Vec<BatchRespon
     let io = |e: StoreError| -> StorageError { StorageIOError::write_state_machine(e.any()).into() };
     let sm = cf(db, CF_SM).map_err(io)?;
     let smm = cf(db, CF_SM_META).map_err(io)?;
-    let base = DbKv { db, cf: sm };
     let mut out = Vec::with_capacity(entries.len());
 
     for chunk in entries.chunks(APPLY_CHUNK) {
+        // The base state is the one after the last committed chunk, whose
+        // index was published last.
+        let base_index = *shared.applied_tx.borrow();
+        let base = DbKv { db, cf: sm, shared, learn_at: Some(base_index) };
         let mut overlay = Overlay::new(&base);
         let mut membership = None;
         let mut last = None;
@@ -537,10 +574,17 @@ fn apply_entries(shared: &Shared, entries: Vec<Entry>) -> Result<Vec<BatchRespon
             last = Some(entry.log_id);
         }
         let mut batch = WriteBatch::default();
-        for (k, v) in overlay.into_writes() {
-            match v {
-                Some(v) => batch.put_cf(sm, k, v),
-                None => batch.delete_cf(sm, k),
+        {
+            // Hints are lowered before the write commits (see `scan_hints`).
+            let mut hints = shared.hints();
+            for (k, v) in overlay.into_writes() {
+                match v {
+                    Some(v) => {
+                        hints.on_put(&k);
+                        batch.put_cf(sm, k, v)
+                    }
+                    None => batch.delete_cf(sm, k),
+                }
             }
         }
         batch.put_cf(smm, KEY_LAST_APPLIED, encode(&last).map_err(io)?);
@@ -581,7 +625,13 @@ impl StateMachineStore {
         }
         let applied: Option<LogId> = get_meta::<Option<LogId>>(&db, CF_SM_META, KEY_LAST_APPLIED)?.flatten();
         let (applied_tx, _) = watch::channel(applied.map_or(0, |l| l.index));
-        let shared = Arc::new(Shared { db, snap_dir, snapshot_lock: Mutex::new(()), applied_tx });
+        let shared = Arc::new(Shared {
+            db,
+            snap_dir,
+            snapshot_lock: Mutex::new(()),
+            applied_tx,
+            hints: Mutex::new(ScanHints::default()),
+        });
         let keep = current.map(|m| snapshot_file_name(&m.snapshot_id));
         shared.remove_snapshots_except(keep.as_deref(), true)?;
         Ok(StateMachineStore { shared, receiving: Vec::new() })

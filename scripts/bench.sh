@@ -1,0 +1,505 @@
+#!/usr/bin/env bash
+# Benchmarks jobsched against etcd on this machine and writes docs/benchmarks.md.
+#
+#   scripts/bench.sh [compare]   fresh 3-node jobsched cluster (release build,
+#                                default durability): submit at 1/16/64/256
+#                                connections, e2e, pickup; then a fresh 3-member
+#                                etcd (Debian etcd-server, default durability):
+#                                POST /v3/kv/put through its HTTP/JSON gateway at
+#                                the same connection counts; prints the table
+#                                with our/etcd ratios
+#   scripts/bench.sh scale       1 thousand vs 1 million retained jobs: resident
+#                                memory per node and acquire throughput
+#   scripts/bench.sh all         compare, then scale
+#   scripts/bench.sh up          only start the jobsched cluster (for profiling by hand)
+#   scripts/bench.sh stop        stop what `up` or an interrupted run left running
+#
+# Settings (environment):
+#   DURATION=10         seconds measured per point (after a 1 s warm-up)
+#   CONCURRENCY="1 16 64 256"
+#   PORT_BASE=5200      jobsched nodes listen on PORT_BASE+1..3 (not 5001-5003,
+#                       nor chaos.sh's 5101-5103, so those can stay up)
+#   ETCD_PORT_BASE=23800  etcd member i: client PORT_BASE+10*i+1, peer +2
+#   BENCH_DIR=run/bench data, logs and raw results (wiped at the start of a run)
+#   SCALE_JOBS="1000 1000000"  retained-job counts of the scale run
+#   SCALE_POOL=20000    ready jobs each acquire measurement draws from
+#   SKIP_BUILD=1        use the existing release binaries
+#   BIN=DIR             take the binaries from DIR (e.g. a debug build, for a dry run)
+#   NO_DOC=1            do not rewrite docs/benchmarks.md
+#
+# Everything started here is stopped on exit (trap), also on Ctrl-C.
+# docs/benchmarks.md keeps its hand-written parts: only the blocks between
+# the "generated" markers are replaced.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+source "$ROOT/scripts/env.sh"
+BIN=${BIN:-$CARGO_TARGET_DIR/release}
+BENCH_DIR=${BENCH_DIR:-$ROOT/run/bench}
+DURATION=${DURATION:-10}
+CONCURRENCY=${CONCURRENCY:-"1 16 64 256"}
+PORT_BASE=${PORT_BASE:-5200}
+ETCD_PORT_BASE=${ETCD_PORT_BASE:-23800}
+SCALE_JOBS=${SCALE_JOBS:-"1000 1000000"}
+SCALE_POOL=${SCALE_POOL:-20000}
+DOC=$ROOT/docs/benchmarks.md
+DEFAULT_DURATION=10 DEFAULT_CONCURRENCY="1 16 64 256" DEFAULT_SCALE_JOBS="1000 1000000" DEFAULT_SCALE_POOL=20000
+NODES=(1 2 3)
+PIDS_FILE=$BENCH_DIR/pids
+
+log() { echo "[bench $(date -u +%H:%M:%S)] $*" >&2; }
+
+# ----- processes we start ----------------------------------------------------
+
+track() { echo "$1" >>"$PIDS_FILE"; }
+
+# Stop every process this script started (recorded in $PIDS_FILE): SIGTERM,
+# a grace period, then SIGKILL. Only those pids, never by name.
+stop_tracked() {
+  [ -f "$PIDS_FILE" ] || return 0
+  local pids; pids=$(cat "$PIDS_FILE")
+  for p in $pids; do kill -TERM "$p" 2>/dev/null || true; done
+  for _ in $(seq 50); do
+    local any=0
+    for p in $pids; do kill -0 "$p" 2>/dev/null && any=1; done
+    [ $any -eq 0 ] && break
+    sleep 0.2
+  done
+  for p in $pids; do kill -KILL "$p" 2>/dev/null || true; done
+  rm -f "$PIDS_FILE"
+}
+
+cleanup() {
+  local rc=$?
+  stop_tracked
+  exit $rc
+}
+
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+require_free_ports() {
+  for p in "$@"; do
+    if ! port_free "$p"; then
+      echo "port $p is in use (another benchmark or cluster?); set PORT_BASE / ETCD_PORT_BASE" >&2
+      exit 1
+    fi
+  done
+}
+
+# ----- jobsched cluster --------------------------------------------------------
+
+our_port() { echo $((PORT_BASE + $1)); }
+our_urls() { echo "http://127.0.0.1:$(our_port 1),http://127.0.0.1:$(our_port 2),http://127.0.0.1:$(our_port 3)"; }
+
+start_ours() { # start_ours DIR
+  local dir=$1 peers="" n
+  require_free_ports "$(our_port 1)" "$(our_port 2)" "$(our_port 3)"
+  for n in "${NODES[@]}"; do peers+="{ id = $n, addr = \"127.0.0.1:$(our_port "$n")\" }, "; done
+  for n in "${NODES[@]}"; do
+    mkdir -p "$dir/node$n"
+    # Default durability and defaults for everything else: only identity,
+    # addresses and the data directory are set here.
+    cat >"$dir/node$n.toml" <<EOF
+node_id = $n
+listen = "127.0.0.1:$(our_port "$n")"
+data_dir = "$dir/node$n/data"
+peers = [ $peers]
+EOF
+    "$BIN/jobsched-coordinator" --config "$dir/node$n.toml" </dev/null >>"$dir/node$n.log" 2>&1 &
+    track $!
+    echo $! >"$dir/node$n.pid"
+  done
+  local deadline=$((SECONDS + 90))
+  for n in "${NODES[@]}"; do
+    until curl -fs "http://127.0.0.1:$(our_port "$n")/ready" >/dev/null 2>&1; do
+      if ((SECONDS > deadline)); then echo "node $n not ready; see $dir/node$n.log" >&2; exit 1; fi
+      sleep 0.2
+    done
+  done
+  log "jobsched cluster up on ports $(our_port 1)-$(our_port 3) ($dir)"
+}
+
+stop_ours() { # stop_ours DIR
+  local dir=$1 n p
+  for n in "${NODES[@]}"; do
+    [ -f "$dir/node$n.pid" ] || continue
+    p=$(cat "$dir/node$n.pid")
+    kill -TERM "$p" 2>/dev/null || true
+  done
+  for n in "${NODES[@]}"; do
+    [ -f "$dir/node$n.pid" ] || continue
+    p=$(cat "$dir/node$n.pid")
+    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.2; done
+    kill -KILL "$p" 2>/dev/null || true
+    rm -f "$dir/node$n.pid"
+  done
+}
+
+# VmRSS and VmHWM (peak) of each node, in MiB, as JSON.
+rss_json() { # rss_json DIR
+  local dir=$1 n p out="" rss hwm
+  for n in "${NODES[@]}"; do
+    p=$(cat "$dir/node$n.pid")
+    rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status")
+    hwm=$(awk '/^VmHWM:/ {print $2}' "/proc/$p/status")
+    out+="{\"node\":$n,\"rssMiB\":$((rss / 1024)),\"peakMiB\":$((hwm / 1024)),\"diskMiB\":$(du -sm "$dir/node$n/data" | cut -f1)},"
+  done
+  echo "[${out%,}]"
+}
+
+# ----- etcd ------------------------------------------------------------------
+
+etcd_client_port() { echo $((ETCD_PORT_BASE + 10 * $1 + 1)); }
+etcd_peer_port() { echo $((ETCD_PORT_BASE + 10 * $1 + 2)); }
+etcd_urls() { echo "http://127.0.0.1:$(etcd_client_port 1),http://127.0.0.1:$(etcd_client_port 2),http://127.0.0.1:$(etcd_client_port 3)"; }
+
+ensure_etcd() {
+  if ! command -v etcd >/dev/null 2>&1; then
+    log "installing Debian's etcd-server and etcd-client"
+    # The package's systemd unit does not start here (no systemd in
+    # containers); on a systemd host it would start a member on 2379, which
+    # our ports do not collide with.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y etcd-server etcd-client >/dev/null
+  fi
+}
+
+start_etcd() { # start_etcd DIR
+  local dir=$1 cluster="" n
+  for n in "${NODES[@]}"; do
+    require_free_ports "$(etcd_client_port "$n")" "$(etcd_peer_port "$n")"
+    cluster+="e$n=http://127.0.0.1:$(etcd_peer_port "$n"),"
+  done
+  for n in "${NODES[@]}"; do
+    mkdir -p "$dir/e$n"
+    # Default durability: etcd fsyncs its WAL before acknowledging a put.
+    etcd --name "e$n" --data-dir "$dir/e$n" \
+      --listen-client-urls "http://127.0.0.1:$(etcd_client_port "$n")" \
+      --advertise-client-urls "http://127.0.0.1:$(etcd_client_port "$n")" \
+      --listen-peer-urls "http://127.0.0.1:$(etcd_peer_port "$n")" \
+      --initial-advertise-peer-urls "http://127.0.0.1:$(etcd_peer_port "$n")" \
+      --initial-cluster "${cluster%,}" --initial-cluster-state new \
+      --initial-cluster-token "jobsched-bench-$$" --log-level warn \
+      </dev/null >>"$dir/e$n.log" 2>&1 &
+    track $!
+    echo $! >"$dir/e$n.pid"
+  done
+  local deadline=$((SECONDS + 60))
+  for n in "${NODES[@]}"; do
+    until curl -fs "http://127.0.0.1:$(etcd_client_port "$n")/health" 2>/dev/null | grep -q '"health":"true"'; do
+      if ((SECONDS > deadline)); then echo "etcd member $n not healthy; see $dir/e$n.log" >&2; exit 1; fi
+      sleep 0.2
+    done
+  done
+  log "etcd up on client ports $(etcd_client_port 1),$(etcd_client_port 2),$(etcd_client_port 3) ($dir)"
+}
+
+stop_etcd() { # stop_etcd DIR
+  local dir=$1 n p
+  for n in "${NODES[@]}"; do
+    [ -f "$dir/e$n.pid" ] || continue
+    p=$(cat "$dir/e$n.pid")
+    kill -TERM "$p" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.2; done
+    kill -KILL "$p" 2>/dev/null || true
+    rm -f "$dir/e$n.pid"
+  done
+}
+
+# ----- running the tool ----------------------------------------------------------
+
+loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
+
+# bench TAG ARGS...: run jobsched-bench, append its JSON (tagged) to RESULTS.
+bench() {
+  local tag=$1; shift
+  log "$tag: jobsched-bench $* (load $(loadavg))"
+  "$BIN/jobsched-bench" --json-out "$RESULTS" --tag "$tag" "$@" | tee -a "$BENCH_DIR/bench.out"
+}
+
+machine_json() {
+  python3 - "$@" <<'EOF'
+import json, os, platform, subprocess, sys
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+mem = next((int(l.split()[1]) // 1024 for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0)
+def sh(c):
+    try: return subprocess.run(c, shell=True, capture_output=True, text=True).stdout.strip()
+    except Exception: return "?"
+print(json.dumps({
+    "date": sh("date -u '+%Y-%m-%d %H:%M UTC'"), "cpu": cpu, "cores": os.cpu_count(), "memMiB": mem,
+    "kernel": platform.release(), "disk": " ".join(sh("df -h --output=source,fstype " + sys.argv[1] + " | tail -1").split()),
+    "commit": sh("git rev-parse --short HEAD") + (" (with uncommitted changes)" if sh("git status --porcelain --untracked-files=no") else ""),
+    "etcd": sh("etcd --version | head -1"), "rustc": sh("rustc --version"),
+}))
+EOF
+}
+
+build() {
+  if [ "${SKIP_BUILD:-0}" = 1 ]; then return; fi
+  "$ROOT/scripts/install-deps.sh"
+  log "building release binaries (the first release build compiles RocksDB: ~25 min on 2 cores)"
+  cargo build --release -p jobsched-coordinator -p jobsched-bench
+}
+
+# ----- modes ------------------------------------------------------------------------
+
+compare() {
+  RESULTS=$BENCH_DIR/compare.jsonl
+  : >"$RESULTS"
+  machine_json "$BENCH_DIR" >"$BENCH_DIR/machine.json"
+  echo "{\"loadBefore\":\"$(loadavg)\"}" >"$BENCH_DIR/compare-load.json"
+
+  start_ours "$BENCH_DIR/ours"
+  local urls; urls=$(our_urls)
+  # Warm the cluster (leader, connections, RocksDB) without measuring.
+  "$BIN/jobsched-bench" --coordinators "$urls" submit -c 16 -d 2 >/dev/null 2>&1 || true
+  for c in $CONCURRENCY; do
+    bench "ours-submit-c$c" --coordinators "$urls" submit -c "$c" -d "$DURATION"
+  done
+  bench "ours-e2e-c64" --coordinators "$urls" e2e -c 64 --workers 8 --slots 8 -d "$DURATION"
+  bench "ours-pickup" --coordinators "$urls" pickup -n 200
+  bench "ours-batch-c16" --coordinators "$urls" submit -c 16 --batch 100 -d "$DURATION"
+  stop_ours "$BENCH_DIR/ours"
+
+  ensure_etcd
+  start_etcd "$BENCH_DIR/etcd"
+  local eurls; eurls=$(etcd_urls)
+  "$BIN/jobsched-bench" etcd-put --endpoints "$eurls" -c 16 -d 2 >/dev/null 2>&1 || true
+  for c in $CONCURRENCY; do
+    bench "etcd-put-c$c" etcd-put --endpoints "$eurls" -c "$c" -d "$DURATION"
+  done
+  stop_etcd "$BENCH_DIR/etcd"
+  echo "{\"loadAfter\":\"$(loadavg)\"}" >>"$BENCH_DIR/compare-load.json"
+
+  report compare
+}
+
+scale() {
+  RESULTS=$BENCH_DIR/scale.jsonl
+  : >"$RESULTS"
+  machine_json "$BENCH_DIR" >"$BENCH_DIR/machine.json"
+  for n in $SCALE_JOBS; do
+    local dir=$BENCH_DIR/scale-$n
+    rm -rf "$dir"
+    start_ours "$dir"
+    local urls; urls=$(our_urls)
+    local t0=$SECONDS
+    # The retained history: n jobs submitted, acquired and completed (they
+    # stay for the 7-day retention), then a pool of ready jobs to acquire.
+    bench "scale-$n-preload" --coordinators "$urls" preload -n "$n" --job-type retained --finish -c 4
+    # One pool per measurement, so each starts with the same queue; a run
+    # that empties its pool early is measured over the time it took.
+    bench "scale-$n-pool1" --coordinators "$urls" preload -n "$SCALE_POOL" --job-type acq1 -c 4
+    bench "scale-$n-pool16" --coordinators "$urls" preload -n "$SCALE_POOL" --job-type acq16 -c 4
+    echo "{\"tag\":\"scale-$n-rss-before\",\"retained\":$n,\"load\":\"$(loadavg)\",\"preloadSeconds\":$((SECONDS - t0)),\"nodes\":$(rss_json "$dir")}" >>"$RESULTS"
+    bench "scale-$n-acquire" --coordinators "$urls" acquire -c 16 --max-jobs 1 -d "$DURATION" --job-type acq1
+    bench "scale-$n-acquire16" --coordinators "$urls" acquire -c 4 --max-jobs 16 -d "$DURATION" --job-type acq16
+    echo "{\"tag\":\"scale-$n-rss-after\",\"retained\":$n,\"load\":\"$(loadavg)\",\"nodes\":$(rss_json "$dir")}" >>"$RESULTS"
+    stop_ours "$dir"
+  done
+  report scale
+}
+
+# report compare|scale: print the table and (unless NO_DOC=1) rewrite that
+# block of docs/benchmarks.md. The command line recorded in the doc names the
+# settings that differ from the defaults.
+report() {
+  local what=$1 cmd="" v
+  for v in DURATION CONCURRENCY SCALE_JOBS SCALE_POOL; do
+    local def="DEFAULT_$v"
+    if [ "${!v}" != "${!def}" ]; then cmd+="$v=\"${!v}\" "; fi
+  done
+  cmd+="scripts/bench.sh $what"
+  python3 - "$what" "$BENCH_DIR" "$DOC" "$cmd" "${NO_DOC:-0}" <<'PYEOF'
+import json, os, re, sys
+
+what, bench_dir, doc, cmd, no_doc = sys.argv[1:6]
+
+def rows(name):
+    out = []
+    path = os.path.join(bench_dir, name)
+    if os.path.exists(path):
+        for line in open(path):
+            line = line.strip()
+            if line:
+                out.append(json.loads(line))
+    return out
+
+def by_tag(rs):
+    return {r.get("tag"): r for r in rs}
+
+def f0(x): return "-" if x is None else f"{x:,.0f}"
+def f2(x): return "-" if x is None else f"{x:.2f}"
+def ratio(a, b): return "-" if not a or not b else f"{a / b:.2f}x"
+
+machine = {}
+mpath = os.path.join(bench_dir, "machine.json")
+if os.path.exists(mpath):
+    machine = json.load(open(mpath))
+
+def header(extra_load):
+    m = machine
+    lines = [
+        f"- **Date**: {m.get('date', '?')}; commit {m.get('commit', '?')}",
+        f"- **Machine**: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('memMiB', 0) // 1024} GiB RAM, "
+        f"kernel {m.get('kernel', '?')}, data on {m.get('disk', '?')}",
+        f"- **Software**: {m.get('rustc', '?')}; {m.get('etcd', '?')} (Debian etcd-server)",
+        f"- **Command**: `{cmd}`",
+    ]
+    if extra_load:
+        lines.append(f"- **Load average** (1/5/15 min) {extra_load}")
+    return "\n".join(lines)
+
+targets = []
+
+def compare_block():
+    rs = rows("compare.jsonl")
+    t = by_tag(rs)
+    load = {}
+    lp = os.path.join(bench_dir, "compare-load.json")
+    if os.path.exists(lp):
+        for line in open(lp):
+            load.update(json.loads(line))
+    concs = sorted({r["concurrency"] for r in rs if r.get("tag", "").startswith(("ours-submit-c", "etcd-put-c"))})
+    out = [header(f"before {load.get('loadBefore', '?')}, after {load.get('loadAfter', '?')} "
+                  "(the machine is shared: other builds may have been running)"), ""]
+    out.append("Closed loop, one request in flight per connection, connections spread over the 3 nodes/members; "
+               "each point measured for the set duration after a 1 s warm-up. jobsched: `POST /api/jobs` "
+               "(one job with a requestId, acknowledged after fsync on a quorum); etcd: `POST /v3/kv/put` through "
+               "the HTTP/JSON gateway (64-byte value, acknowledged after its WAL fsync on a quorum).")
+    out.append("")
+    out.append("| connections | jobsched submits/s | etcd puts/s | ratio | jobsched p50 ms | etcd p50 ms | jobsched p99 ms | etcd p99 ms | jobsched max ms | etcd max ms | errors (ours/etcd) |")
+    out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for c in concs:
+        o, e = t.get(f"ours-submit-c{c}", {}), t.get(f"etcd-put-c{c}", {})
+        out.append(f"| {c} | {f0(o.get('perSecond'))} | {f0(e.get('perSecond'))} | {ratio(o.get('perSecond'), e.get('perSecond'))} "
+                   f"| {f2(o.get('p50Ms'))} | {f2(e.get('p50Ms'))} | {f2(o.get('p99Ms'))} | {f2(e.get('p99Ms'))} "
+                   f"| {f2(o.get('maxMs'))} | {f2(e.get('maxMs'))} | {o.get('errors', '-')}/{e.get('errors', '-')} |")
+    out.append("")
+    e2e, pk, b = t.get("ours-e2e-c64", {}), t.get("ours-pickup", {}), t.get("ours-batch-c16", {})
+    e64 = t.get("etcd-put-c64", {})
+    out.append("| jobsched, other modes | figure |")
+    out.append("|---|---:|")
+    if e2e:
+        out.append(f"| e2e: {e2e.get('submitters')} submitters + {e2e.get('slots')} worker slots over HTTP, completed jobs/s "
+                   f"| {f0(e2e.get('completedPerSecond'))} ({ratio(e2e.get('completedPerSecond'), e64.get('perSecond'))} of etcd's puts/s at 64) |")
+    if pk:
+        out.append(f"| pickup: submit acknowledged -> idle long-polling worker's acquire returns, p50 / p90 / p99 ms "
+                   f"| {f2(pk.get('fromAckP50Ms'))} / {f2(pk.get('fromAckP90Ms'))} / {f2(pk.get('fromAckP99Ms'))} |")
+        out.append(f"| pickup: submit sent -> acquire returns, p50 / p99 ms | {f2(pk.get('fromSendP50Ms'))} / {f2(pk.get('fromSendP99Ms'))} |")
+    if b:
+        out.append(f"| batch submit (`POST /api/jobs/batch`, {b.get('batch')} jobs per request, 16 connections), jobs/s "
+                   f"| {f0(b.get('itemsPerSecond'))} (p99 {f2(b.get('p99Ms'))} ms per request) |")
+    out.append("")
+    o64, o1, e1 = t.get("ours-submit-c64", {}), t.get("ours-submit-c1", {}), t.get("etcd-put-c1", {})
+    def tgt(name, value, ok):
+        targets.append((name, value, ok))
+    if o64 and e64:
+        r = o64["perSecond"] / e64["perSecond"] if e64.get("perSecond") else 0
+        tgt("submit/s at 64 connections >= 2x etcd puts/s", f"{r:.2f}x ({f0(o64['perSecond'])} vs {f0(e64['perSecond'])})", r >= 2)
+        tgt("submit p99 at 64 connections <= etcd's", f"{f2(o64['p99Ms'])} vs {f2(e64['p99Ms'])} ms", o64["p99Ms"] <= e64["p99Ms"])
+    if o1 and e1:
+        tgt("single-connection submit p50 <= etcd's", f"{f2(o1['p50Ms'])} vs {f2(e1['p50Ms'])} ms", o1["p50Ms"] <= e1["p50Ms"])
+    if e2e and e64:
+        tgt("e2e completed/s (64 submitters + 64 slots) >= etcd puts/s at 64",
+            f"{f0(e2e['completedPerSecond'])} vs {f0(e64['perSecond'])}", e2e["completedPerSecond"] >= e64["perSecond"])
+    if pk:
+        tgt("pickup p50 < 5 ms", f"{f2(pk['fromAckP50Ms'])} ms", pk["fromAckP50Ms"] < 5)
+    return out
+
+def scale_block():
+    rs = rows("scale.jsonl")
+    t = by_tag(rs)
+    ns = sorted({r["retained"] for r in rs if "retained" in r})
+    out = [header(None), ""]
+    out.append("Each size on a fresh cluster: N jobs submitted in batches, then acquired and completed "
+               "(the retained, finished history that the 7-day retention keeps), then a pool of "
+               f"ready jobs of another type; acquire throughput is measured over that pool. "
+               "Resident memory is VmRSS of each node process (VmHWM = peak) from /proc.")
+    out.append("")
+    out.append("| retained jobs | preload s | RSS per node MiB (after preload) | RSS after acquire | peak RSS | disk per node MiB | acquire calls/s (16 workers, 1 job each) | p50 / p99 ms | jobs/s (4 workers x 16 per call) | load |")
+    out.append("|---:|---:|---|---|---|---|---:|---|---:|---|")
+    acq = {}
+    peak = {}
+    for n in ns:
+        rb, ra = t.get(f"scale-{n}-rss-before", {}), t.get(f"scale-{n}-rss-after", {})
+        a1, a16 = t.get(f"scale-{n}-acquire", {}), t.get(f"scale-{n}-acquire16", {})
+        nodes_b, nodes_a = rb.get("nodes", []), ra.get("nodes", [])
+        rss_b = " / ".join(str(x["rssMiB"]) for x in nodes_b)
+        rss_a = " / ".join(str(x["rssMiB"]) for x in nodes_a)
+        pk = " / ".join(str(x["peakMiB"]) for x in nodes_a)
+        disk = " / ".join(str(x["diskMiB"]) for x in nodes_a)
+        acq[n] = (a1.get("itemsPerSecond"), a16.get("itemsPerSecond"))
+        peak[n] = max([x["rssMiB"] for x in nodes_a + nodes_b] or [0])
+        out.append(f"| {n:,} | {rb.get('preloadSeconds', '-')} | {rss_b} | {rss_a} | {pk} | {disk} | {f0(a1.get('itemsPerSecond'))} "
+                   f"| {f2(a1.get('p50Ms'))} / {f2(a1.get('p99Ms'))} | {f0(a16.get('itemsPerSecond'))} | {ra.get('load', '-')} |")
+    out.append("")
+    if len(ns) >= 2:
+        lo, hi = ns[0], ns[-1]
+        tgt = targets.append
+        tgt((f"RSS per node with {hi:,} retained jobs < 200 MB", f"{peak[hi]} MiB (largest node, after preload or acquire)", peak[hi] * 1.048576 < 200))
+        for i, label in ((0, "16 workers x 1 job"), (1, "4 workers x 16 jobs")):
+            a, b = acq[hi][i], acq[lo][i]
+            if a and b:
+                tgt((f"acquire throughput ({label}) at {hi:,} within 20% of {lo:,}", f"{a:,.0f} vs {b:,.0f} jobs/s ({a / b:.2f}x)", a >= 0.8 * b))
+    return out
+
+block = compare_block() if what == "compare" else scale_block()
+if targets:
+    block.append("| target | measured | met |")
+    block.append("|---|---|---|")
+    for name, value, ok in targets:
+        block.append(f"| {name} | {value} | {'yes' if ok else '**no**'} |")
+text = "\n".join(block)
+print()
+print(text)
+if no_doc == "1":
+    sys.exit(0)
+
+begin, end = f"<!-- BEGIN GENERATED {what} (scripts/bench.sh {what}) -->", f"<!-- END GENERATED {what} -->"
+if os.path.exists(doc):
+    cur = open(doc).read()
+else:
+    cur = ("# Benchmarks\n\nGenerated by `scripts/bench.sh`; the blocks between the GENERATED markers are "
+           "rewritten by each run, the rest is kept.\n\n## jobsched vs etcd\n\n"
+           "<!-- BEGIN GENERATED compare (scripts/bench.sh compare) -->\n<!-- END GENERATED compare -->\n\n"
+           "## 1 million retained jobs\n\n"
+           "<!-- BEGIN GENERATED scale (scripts/bench.sh scale) -->\n<!-- END GENERATED scale -->\n")
+pat = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+if pat.search(cur):
+    cur = pat.sub(lambda _: begin + "\n" + text + "\n" + end, cur)
+else:
+    cur += "\n" + begin + "\n" + text + "\n" + end + "\n"
+os.makedirs(os.path.dirname(doc), exist_ok=True)
+open(doc, "w").write(cur)
+print(f"\n(wrote {doc})", file=sys.stderr)
+PYEOF
+}
+
+mode=${1:-compare}
+case "$mode" in
+  compare | scale | all)
+    mkdir -p "$BENCH_DIR"
+    stop_tracked
+    rm -rf "$BENCH_DIR/ours" "$BENCH_DIR/etcd"
+    trap cleanup EXIT INT TERM
+    build
+    [ -x "$BIN/jobsched-bench" ] || { echo "no release build in $BIN" >&2; exit 1; }
+    case "$mode" in
+      compare) compare ;;
+      scale) scale ;;
+      all) compare; scale ;;
+    esac
+    ;;
+  up)
+    # A cluster for profiling by hand (perf, callgrind); `stop` ends it.
+    mkdir -p "$BENCH_DIR"
+    stop_tracked
+    rm -rf "$BENCH_DIR/ours"
+    start_ours "$BENCH_DIR/ours"
+    echo "JOBSCHED_COORDINATORS=$(our_urls)"
+    echo "pids: $(cat "$BENCH_DIR"/ours/node*.pid | tr '\n' ' ')"
+    ;;
+  stop) stop_tracked ;;
+  *) sed -n '2,30p' "$0"; exit 2 ;;
+esac
