@@ -118,22 +118,61 @@ impl Node {
         m.membership_config.membership().nodes().map(|(id, n)| (*id, n.addr.clone())).collect()
     }
 
+    /// Is this node a leader that has heard from no quorum for more than
+    /// twice the election timeout? Followers that stopped hearing from it
+    /// start an election after at most election_max_ms plus a random
+    /// election timeout, so by then it has almost surely been replaced (a
+    /// partitioned old leader). openraft 0.9 has no check-quorum step-down:
+    /// without this, its requests would wait out `propose_timeout_ms`.
+    /// Twice the timeout keeps a slow but healthy leader (heartbeat replies
+    /// late under load) from refusing work. A single-voter cluster is its
+    /// own quorum and never out of touch.
+    pub fn leader_out_of_touch(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.state == ServerState::Leader
+            && m.membership_config.membership().voter_ids().count() > 1
+            && m.millis_since_quorum_ack.is_some_and(|ms| ms > 2 * self.config.election_max_ms)
+    }
+
+    /// Resolves once [`Node::leader_out_of_touch`] holds (never, if it never
+    /// does). Metrics are refreshed on every turn of openraft's loop, which
+    /// its heartbeat timer drives, so this notices within a tick.
+    async fn out_of_touch(&self) {
+        let mut rx = self.raft.metrics();
+        loop {
+            if self.leader_out_of_touch() {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
     /// Propose a command; business rejections become API errors.
     pub async fn propose(&self, cmd: Command) -> Result<Outcome, ApiError> {
-        match self.proposer.propose(cmd).await {
-            Ok(Outcome::Rejected(r)) => Err(r.into()),
-            Ok(o) => Ok(o),
-            Err(ProposeError::NotLeader { leader }) => Err(ApiError::NotLeader { leader }),
-            Err(ProposeError::Timeout) => Err(ApiError::Timeout),
-            Err(ProposeError::Fatal(m)) => Err(ApiError::Internal(m)),
+        let mut outcomes = self.propose_all(vec![cmd]).await?;
+        match outcomes.pop() {
+            Some(Outcome::Rejected(r)) => Err(r.into()),
+            Some(o) => Ok(o),
+            None => Err(ApiError::Internal("no outcome".into())),
         }
     }
 
     /// Propose several commands in one Raft entry. Each command's business
     /// rejection stays in its slot (`Outcome::Rejected`) for the caller to
     /// report per item; only failures of the whole entry are errors.
+    ///
+    /// A leader that loses touch with its quorum while the entry is pending
+    /// answers `Timeout` at once (outcome unknown: the entry may still commit
+    /// if the partition heals first), so clients can retry elsewhere.
     pub async fn propose_all(&self, cmds: Vec<Command>) -> Result<Vec<Outcome>, ApiError> {
-        match self.proposer.propose_all(cmds).await {
+        let result = tokio::select! {
+            r = self.proposer.propose_all(cmds) => r,
+            _ = self.out_of_touch() => return Err(ApiError::Timeout),
+        };
+        match result {
             Ok(o) => Ok(o),
             Err(ProposeError::NotLeader { leader }) => Err(ApiError::NotLeader { leader }),
             Err(ProposeError::Timeout) => Err(ApiError::Timeout),

@@ -45,6 +45,10 @@ pub async fn forward_to_leader(State(node): State<SharedNode>, req: Request, nex
     };
 
     match node.wait_for_leader(LEADER_WAIT).await {
+        // A leader cut off from its quorum has most likely been replaced:
+        // say so at once (nothing was proposed, retrying elsewhere is safe)
+        // instead of holding the request until the propose timeout.
+        Leadership::Me if node.leader_out_of_touch() => ApiError::NoLeader { leader: None }.into_response(),
         Leadership::Me => {
             let req = Request::from_parts(parts.clone(), Body::from(bytes.clone()));
             let resp = next.run(req).await;
