@@ -40,16 +40,29 @@ pub struct Opts {
     pub monitor_interval_ms: u64,
     pub snapshot_logs: u64,
     pub extra: Vec<(String, String)>,
+    /// Give node N its own loopback IP (127.0.X.(10+N)) and bind its
+    /// outgoing node-to-node connections to it (`outbound_bind`), so that
+    /// [`Cluster::partition`] can cut it off from its peers with iptables
+    /// while the test still reaches it from 127.0.0.1. Needs root.
+    pub split_ips: bool,
 }
 
 impl Default for Opts {
     fn default() -> Self {
-        Opts { nodes: 3, worker_timeout_ms: 30_000, monitor_interval_ms: 200, snapshot_logs: 20_000, extra: Vec::new() }
+        Opts {
+            nodes: 3,
+            worker_timeout_ms: 30_000,
+            monitor_interval_ms: 200,
+            snapshot_logs: 20_000,
+            extra: Vec::new(),
+            split_ips: false,
+        }
     }
 }
 
 pub struct NodeProc {
     pub id: u64,
+    pub ip: String,
     pub port: u16,
     pub child: Option<Child>,
     pub dir: PathBuf,
@@ -58,7 +71,7 @@ pub struct NodeProc {
 
 impl NodeProc {
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.ip, self.port)
     }
     pub fn pid(&self) -> Option<i32> {
         self.child.as_ref().map(|c| c.id() as i32)
@@ -69,6 +82,8 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub nodes: BTreeMap<u64, NodeProc>,
     pub http: reqwest::Client,
+    /// The iptables chain of this cluster's partitions, once created.
+    firewall_chain: Option<String>,
 }
 
 impl Cluster {
@@ -76,31 +91,45 @@ impl Cluster {
     pub async fn start(opts: Opts) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let ports: Vec<u16> = (0..opts.nodes).map(|_| free_port()).collect();
-        let peers: Vec<String> =
-            ports.iter().enumerate().map(|(i, p)| format!("{{ id = {}, addr = \"127.0.0.1:{p}\" }}", i + 1)).collect();
+        // A third octet of its own per cluster (from its first free port) so
+        // that tests running side by side never share IPs or rules.
+        let octet = 100 + ports[0] % 150;
+        let ips: Vec<String> = (0..opts.nodes)
+            .map(|i| if opts.split_ips { format!("127.0.{octet}.{}", 11 + i) } else { "127.0.0.1".to_owned() })
+            .collect();
+        let peers: Vec<String> = ports
+            .iter()
+            .zip(&ips)
+            .enumerate()
+            .map(|(i, (p, ip))| format!("{{ id = {}, addr = \"{ip}:{p}\" }}", i + 1))
+            .collect();
         let mut nodes = BTreeMap::new();
         for (i, port) in ports.iter().enumerate() {
             let id = i as u64 + 1;
             let ndir = dir.path().join(format!("node{id}"));
             std::fs::create_dir_all(&ndir).expect("node dir");
             let mut cfg = format!(
-                "node_id = {id}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\npeers = [{}]\n\
+                "node_id = {id}\nlisten = \"{}:{port}\"\ndata_dir = \"{}\"\npeers = [{}]\n\
                  worker_timeout_ms = {}\nmonitor_interval_ms = {}\nsnapshot_logs = {}\nlog_filter = \"info,openraft=warn\"\n",
+                ips[i],
                 ndir.join("data").display(),
                 peers.join(", "),
                 opts.worker_timeout_ms,
                 opts.monitor_interval_ms,
                 opts.snapshot_logs,
             );
+            if opts.split_ips {
+                cfg.push_str(&format!("outbound_bind = \"{}\"\n", ips[i]));
+            }
             for (k, v) in &opts.extra {
                 cfg.push_str(&format!("{k} = {v}\n"));
             }
             let config = ndir.join("node.toml");
             std::fs::write(&config, cfg).expect("write config");
-            nodes.insert(id, NodeProc { id, port: *port, child: None, dir: ndir, config });
+            nodes.insert(id, NodeProc { id, ip: ips[i].clone(), port: *port, child: None, dir: ndir, config });
         }
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client");
-        let mut c = Cluster { dir, nodes, http };
+        let mut c = Cluster { dir, nodes, http, firewall_chain: None };
         let ids: Vec<u64> = c.nodes.keys().copied().collect();
         for id in ids {
             c.start_node(id);
@@ -123,6 +152,38 @@ impl Cluster {
             .spawn()
             .expect("spawn coordinator");
         n.child = Some(child);
+    }
+
+    /// Cut node `id` off from its peers in both directions (iptables DROP
+    /// between its IP and theirs: packets vanish, connections time out).
+    /// Clients on 127.0.0.1 still reach every node. Needs `split_ips`.
+    pub fn partition(&mut self, id: u64) {
+        let chain = match &self.firewall_chain {
+            Some(c) => c.clone(),
+            None => {
+                let c = format!("JSCHED-T-{}", self.nodes[&1].port);
+                iptables(&["-N", &c]);
+                iptables(&["-I", "INPUT", "-j", &c]);
+                iptables(&["-I", "OUTPUT", "-j", &c]);
+                self.firewall_chain = Some(c.clone());
+                c
+            }
+        };
+        let me = self.nodes[&id].ip.clone();
+        assert_ne!(me, "127.0.0.1", "partition needs Opts::split_ips");
+        for (other, n) in &self.nodes {
+            if *other != id {
+                iptables(&["-A", &chain, "-s", &me, "-d", &n.ip, "-j", "DROP"]);
+                iptables(&["-A", &chain, "-s", &n.ip, "-d", &me, "-j", "DROP"]);
+            }
+        }
+    }
+
+    /// Remove every partition.
+    pub fn heal(&mut self) {
+        if let Some(c) = &self.firewall_chain {
+            iptables(&["-F", c]);
+        }
     }
 
     /// `kill -9` a node and reap it.
@@ -338,8 +399,19 @@ impl Cluster {
     }
 }
 
+fn iptables(args: &[&str]) {
+    let out = Command::new("iptables").args(args).output().expect("run iptables (partitions need it, and root)");
+    assert!(out.status.success(), "iptables {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if let Some(c) = self.firewall_chain.take() {
+            for args in [vec!["-D", "INPUT", "-j", &c], vec!["-D", "OUTPUT", "-j", &c], vec!["-F", &c], vec!["-X", &c]]
+            {
+                let _ = Command::new("iptables").args(&args).output();
+            }
+        }
         for n in self.nodes.values_mut() {
             if let Some(mut c) = n.child.take() {
                 unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
