@@ -112,27 +112,34 @@ EOF
   done
   local deadline=$((SECONDS + 90))
   for n in "${NODES[@]}"; do
-    until curl -fs "http://127.0.0.1:$(our_port "$n")/ready" >/dev/null 2>&1; do
-      if ((SECONDS > deadline)); then echo "node $n not ready; see $dir/node$n.log" >&2; exit 1; fi
-      sleep 0.2
-    done
+    wait_healthy "http://127.0.0.1:$(our_port "$n")/ready" . "$deadline" "node $n" "$dir/node$n.log"
   done
   log "jobsched cluster up on ports $(our_port 1)-$(our_port 3) ($dir)"
 }
 
-stop_ours() { # stop_ours DIR
-  local dir=$1 n p
+# SIGTERM every member whose pid file is DIR/PREFIX<n>.pid, then wait up to
+# 10 s each before SIGKILL (both clusters flush and close their data).
+stop_members() { # stop_members DIR PREFIX
+  local dir=$1 prefix=$2 n p
   for n in "${NODES[@]}"; do
-    [ -f "$dir/node$n.pid" ] || continue
-    p=$(cat "$dir/node$n.pid")
-    kill -TERM "$p" 2>/dev/null || true
+    [ -f "$dir/$prefix$n.pid" ] && kill -TERM "$(cat "$dir/$prefix$n.pid")" 2>/dev/null || true
   done
   for n in "${NODES[@]}"; do
-    [ -f "$dir/node$n.pid" ] || continue
-    p=$(cat "$dir/node$n.pid")
+    [ -f "$dir/$prefix$n.pid" ] || continue
+    p=$(cat "$dir/$prefix$n.pid")
     for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.2; done
     kill -KILL "$p" 2>/dev/null || true
-    rm -f "$dir/node$n.pid"
+    rm -f "$dir/$prefix$n.pid"
+  done
+}
+stop_ours() { stop_members "$1" node; }
+
+# Poll URL until its body matches PATTERN; exit with a pointer to LOG after
+# DEADLINE (a $SECONDS value).
+wait_healthy() { # wait_healthy URL PATTERN DEADLINE WHAT LOG
+  until curl -fs "$1" 2>/dev/null | grep -q "$2"; do
+    if ((SECONDS > $3)); then echo "$4 not ready; see $5" >&2; exit 1; fi
+    sleep 0.2
   done
 }
 
@@ -186,25 +193,12 @@ start_etcd() { # start_etcd DIR
   done
   local deadline=$((SECONDS + 60))
   for n in "${NODES[@]}"; do
-    until curl -fs "http://127.0.0.1:$(etcd_client_port "$n")/health" 2>/dev/null | grep -q '"health":"true"'; do
-      if ((SECONDS > deadline)); then echo "etcd member $n not healthy; see $dir/e$n.log" >&2; exit 1; fi
-      sleep 0.2
-    done
+    wait_healthy "http://127.0.0.1:$(etcd_client_port "$n")/health" '"health":"true"' "$deadline" "etcd member $n" "$dir/e$n.log"
   done
   log "etcd up on client ports $(etcd_client_port 1),$(etcd_client_port 2),$(etcd_client_port 3) ($dir)"
 }
 
-stop_etcd() { # stop_etcd DIR
-  local dir=$1 n p
-  for n in "${NODES[@]}"; do
-    [ -f "$dir/e$n.pid" ] || continue
-    p=$(cat "$dir/e$n.pid")
-    kill -TERM "$p" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.2; done
-    kill -KILL "$p" 2>/dev/null || true
-    rm -f "$dir/e$n.pid"
-  done
-}
+stop_etcd() { stop_members "$1" e; }
 
 # ----- running the tool ----------------------------------------------------------
 

@@ -60,18 +60,26 @@ struct Cli {
     mode: Mode,
 }
 
+/// The closed loop of `submit` and `etcd-put`: one definition, so both
+/// sides of the side-by-side comparison take the same flags and defaults.
+#[derive(clap::Args, Clone, Copy)]
+struct ClosedLoop {
+    #[arg(long, short = 'c', default_value_t = 1)]
+    concurrency: usize,
+    /// Seconds to measure (after a 1 s warm-up).
+    #[arg(long, short = 'd', default_value_t = 10.0)]
+    duration: f64,
+    /// Stop after this many requests instead (0: use the duration).
+    #[arg(long, default_value_t = 0)]
+    total: u64,
+}
+
 #[derive(Subcommand)]
 enum Mode {
     /// Closed-loop submits: C clients each wait for their answer before sending the next.
     Submit {
-        #[arg(long, short = 'c', default_value_t = 1)]
-        concurrency: usize,
-        /// Seconds to measure (after a 1 s warm-up).
-        #[arg(long, short = 'd', default_value_t = 10.0)]
-        duration: f64,
-        /// Stop after this many requests instead (0: use the duration).
-        #[arg(long, default_value_t = 0)]
-        total: u64,
+        #[command(flatten)]
+        load: ClosedLoop,
         /// Send every request to this node only (index into --coordinators);
         /// default: spread clients over all nodes.
         #[arg(long)]
@@ -85,12 +93,8 @@ enum Mode {
         /// etcd client URLs, comma-separated; clients are spread over them.
         #[arg(long, default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
         endpoints: Vec<String>,
-        #[arg(long, short = 'c', default_value_t = 1)]
-        concurrency: usize,
-        #[arg(long, short = 'd', default_value_t = 10.0)]
-        duration: f64,
-        #[arg(long, default_value_t = 0)]
-        total: u64,
+        #[command(flatten)]
+        load: ClosedLoop,
         /// Size of each value in bytes (before base64).
         #[arg(long, default_value_t = 64)]
         value_bytes: usize,
@@ -179,11 +183,11 @@ async fn main() -> Result<()> {
         .build()?;
     let nodes = &cli.coordinators;
     let mut figures = match &cli.mode {
-        Mode::Submit { concurrency, duration, total, node, batch } => {
-            modes::submit(&http, nodes, *concurrency, *duration, *total, *node, *batch).await?
+        Mode::Submit { load, node, batch } => {
+            modes::submit(&http, nodes, load.concurrency, load.duration, load.total, *node, *batch).await?
         }
-        Mode::EtcdPut { endpoints, concurrency, duration, total, value_bytes } => {
-            modes::etcd_put(&http, endpoints, *concurrency, *duration, *total, *value_bytes).await?
+        Mode::EtcdPut { endpoints, load, value_bytes } => {
+            modes::etcd_put(&http, endpoints, load.concurrency, load.duration, load.total, *value_bytes).await?
         }
         Mode::E2e { submitters, workers, slots, duration, single_complete } => {
             modes::e2e(&http, nodes, *submitters, *workers, *slots, *duration, !*single_complete).await?

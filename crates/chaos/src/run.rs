@@ -21,19 +21,51 @@ use uuid::Uuid;
 use crate::cluster;
 use crate::history::{self, Event, Outcome, Recorder, WorkerFaultKind};
 
+#[derive(clap::Args)]
 pub struct RunArgs {
+    /// Coordinator base URLs, comma-separated.
+    #[arg(long, env = "JOBSCHED_COORDINATORS", default_value = crate::LOCAL, value_delimiter = ',')]
     pub coordinators: Vec<String>,
+    /// Seconds of submitting (the drain comes after).
+    #[arg(long, default_value_t = 60.0)]
     pub duration: f64,
+    /// Keep submitting past --duration until this many faults have run
+    /// (so a smoke run covers every fault once, a soak run N rounds).
+    #[arg(long, default_value_t = 0)]
     pub min_faults: u64,
+    /// Concurrent closed-loop submitters.
+    #[arg(long, default_value_t = 4)]
     pub submitters: usize,
+    /// In-process HTTP workers.
+    #[arg(long, default_value_t = 4)]
     pub workers: usize,
+    /// History file (JSON lines), overwritten.
+    #[arg(long)]
     pub history: PathBuf,
+    /// Fault run every --fault-every seconds: `[kind: ]COMMAND`, where
+    /// COMMAND is a shell command (`{leader}`, `{follower}`, `{random}`
+    /// become node ids) or a built-in `@worker-kill` /
+    /// `@worker-pause SECONDS`. Repeat the flag to rotate through several.
+    #[arg(long = "fault-cmd")]
     pub fault_cmds: Vec<String>,
+    /// Seconds between fault starts (counted from the previous fault's end).
+    #[arg(long, default_value_t = 15.0)]
     pub fault_every: f64,
+    /// Seconds to wait, after submitting stops, for all jobs to finish.
+    #[arg(long, default_value_t = 120.0)]
     pub drain_timeout: f64,
+    /// Seconds one submit or completion keeps retrying before its
+    /// outcome is recorded as unknown.
+    #[arg(long, default_value_t = 30.0)]
     pub op_deadline: f64,
+    /// Seconds before one HTTP request is abandoned (and retried elsewhere).
+    #[arg(long, default_value_t = 3.0)]
     pub request_timeout: f64,
+    /// Lease asked for on acquire, seconds (heartbeats extend it).
+    #[arg(long, default_value_t = 10)]
     pub lease_seconds: u64,
+    /// Worker heartbeat period, milliseconds.
+    #[arg(long, default_value_t = 2000)]
     pub heartbeat_ms: u64,
 }
 

@@ -58,12 +58,6 @@ impl Proposer {
         Proposer { tx, timeout }
     }
 
-    /// Propose one command and wait for its outcome.
-    pub async fn propose(&self, cmd: Command) -> Result<Outcome, ProposeError> {
-        let mut outcomes = self.propose_all(vec![cmd]).await?;
-        outcomes.pop().ok_or_else(|| ProposeError::Fatal("no outcome".into()))
-    }
-
     /// Propose several commands in one Raft entry (committed and applied
     /// together, in this order) and wait for their outcomes.
     pub async fn propose_all(&self, cmds: Vec<Command>) -> Result<Vec<Outcome>, ProposeError> {
