@@ -61,6 +61,13 @@ pub struct RunArgs {
     /// Seconds before one HTTP request is abandoned (and retried elsewhere).
     #[arg(long, default_value_t = 3.0)]
     pub request_timeout: f64,
+    /// Milliseconds a submit waits for its node before the same request
+    /// (same requestId) also goes to the next node; 0 turns hedging off.
+    /// Why 300: well above a healthy submit's p99 (tens of ms) under this
+    /// workload, and well below an election (~700 ms), so a frozen or
+    /// cut-off node costs a submit about this much, not a request timeout.
+    #[arg(long, default_value_t = 300)]
+    pub hedge_ms: u64,
     /// Lease asked for on acquire, seconds (heartbeats extend it).
     #[arg(long, default_value_t = 10)]
     pub lease_seconds: u64,
@@ -76,6 +83,8 @@ struct Stats {
     submit_unknown: AtomicU64,
     /// Individual tries that got a timeout, 5xx or connection error.
     errors: AtomicU64,
+    /// Submit tries sent to a second node because the first was slow.
+    hedges: AtomicU64,
     acquired: AtomicU64,
     complete_ok: AtomicU64,
     complete_rejected: AtomicU64,
@@ -96,6 +105,8 @@ struct Ctx {
     /// and record its outcome as unknown.
     op_deadline: Duration,
     request_timeout: Duration,
+    /// Zero: no hedging (see `submitter`).
+    hedge_after: Duration,
     lease_seconds: u64,
     heartbeat_every: Duration,
     /// One planned-fault mailbox per worker slot (see `PlannedFault`).
@@ -178,6 +189,7 @@ pub async fn run(a: RunArgs) -> Result<()> {
         stats: Stats::default(),
         op_deadline: Duration::from_secs_f64(a.op_deadline),
         request_timeout: Duration::from_secs_f64(a.request_timeout),
+        hedge_after: Duration::from_millis(a.hedge_ms),
         lease_seconds: a.lease_seconds,
         heartbeat_every: Duration::from_millis(a.heartbeat_ms.max(50)),
         slots: (0..a.workers).map(|_| Mutex::new(None)).collect(),
@@ -260,12 +272,13 @@ fn print_progress(ctx: &Ctx) {
     let s = &ctx.stats;
     let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
     println!(
-        "t={:6.1}s submits ok={} failed={} unknown={} | errors={} | acquired={} completes ok={} rejected={} unknown={} | faults={}",
+        "t={:6.1}s submits ok={} failed={} unknown={} | errors={} hedges={} | acquired={} completes ok={} rejected={} unknown={} | faults={}",
         ctx.t0.elapsed().as_secs_f64(),
         g(&s.submit_ok),
         g(&s.submit_failed),
         g(&s.submit_unknown),
         g(&s.errors),
+        g(&s.hedges),
         g(&s.acquired),
         g(&s.complete_ok),
         g(&s.complete_rejected),
@@ -280,6 +293,58 @@ fn error_code(body: &Value) -> Option<String> {
 
 /// Closed loop: one submit at a time, each with a fresh request id that all
 /// of its retries reuse, so a retry can never create a second job.
+/// How one try of a submit ended.
+enum TryEnd {
+    /// 2xx with the job's id: acknowledged.
+    Acked(u16, Uuid),
+    /// 4xx: a definite refusal.
+    Refused(u16, Option<String>),
+    /// 5xx, transport error, timeout or a lost body: the outcome of this try
+    /// is unknown and the submit goes on elsewhere.
+    Failed(Option<u16>, String),
+}
+
+async fn submit_try(ctx: Arc<Ctx>, node_idx: usize, body: Arc<Value>) -> TryEnd {
+    let node = ctx.node(node_idx).to_string();
+    let res = ctx.http.post(format!("{node}/api/jobs")).json(&*body).timeout(ctx.request_timeout).send().await;
+    ctx.node_seen(node_idx, res.is_ok());
+    match res {
+        Ok(r) if r.status().is_success() => {
+            let st = r.status().as_u16();
+            match r.json::<JobView>().await {
+                Ok(j) => TryEnd::Acked(st, j.id),
+                // The body was lost on the way: the outcome is unknown, and
+                // a retry will return the same job.
+                Err(e) => TryEnd::Failed(Some(st), e.to_string()),
+            }
+        }
+        Ok(r) => {
+            let st = r.status().as_u16();
+            let code = r.json::<Value>().await.ok().and_then(|b| error_code(&b));
+            if (500..600).contains(&st) {
+                TryEnd::Failed(Some(st), code.unwrap_or_else(|| "5xx".into()))
+            } else {
+                TryEnd::Refused(st, code)
+            }
+        }
+        Err(e) => TryEnd::Failed(None, if e.is_timeout() { "timeout".into() } else { format!("transport: {e}") }),
+    }
+}
+
+/// Pause before the `n`th retry (1-based) after failed tries. Why short at
+/// first: a 503 from a relay that lost its leader, or a refused connection,
+/// usually means the cluster has just moved on, so the next node is likely to
+/// answer at once; a run of failures (an election everywhere) backs off to
+/// 100 ms so we do not hot-loop, without hiding the moment writes are
+/// accepted again by more than that.
+fn retry_pause(n: u32) -> Duration {
+    Duration::from_millis(match n {
+        0 | 1 => 10,
+        2 => 50,
+        _ => 100,
+    })
+}
+
 async fn submitter(ctx: Arc<Ctx>, i: usize, stop: Arc<AtomicBool>) {
     let mut seq = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -289,62 +354,90 @@ async fn submitter(ctx: Arc<Ctx>, i: usize, stop: Arc<AtomicBool>) {
         // submitters piling onto whichever node survived the last fault.
         let mut node_idx = i + seq as usize;
         let request_id = Uuid::new_v4().to_string();
-        let body = json!({
+        let body = Arc::new(json!({
             "name": ctx.job_name, "type": "chaos", "payload": {"submitter": i, "seq": seq},
             "maxRetries": 3, "requestId": request_id,
-        });
+        }));
         let invoke_ms = ctx.ms();
         let deadline = Instant::now() + ctx.op_deadline;
         let mut tries = 0u32;
+        let mut failures_in_a_row = 0u32;
         let mut ambiguous = false;
+        // Tries in flight, each tagged with its node. Dropping the set (once
+        // the op ends) abandons the others: safe, they carry the same
+        // requestId, so at most one job exists whichever of them lands.
+        let mut inflight: tokio::task::JoinSet<(String, TryEnd)> = tokio::task::JoinSet::new();
+        let mut last_node = String::new();
+        let mut last_err: (Option<u16>, String) = (None, String::new());
         let (outcome, job_id, status, error, node) = loop {
-            tries += 1;
-            node_idx = ctx.submit_node(node_idx);
-            let node = ctx.node(node_idx).to_string();
-            let res = ctx.http.post(format!("{node}/api/jobs")).json(&body).timeout(ctx.request_timeout).send().await;
-            if res.is_ok() {
-                ctx.node_seen(node_idx, true);
-            }
-            let (st, err) = match res {
-                Ok(r) if r.status().is_success() => {
-                    let st = r.status().as_u16();
-                    match r.json::<JobView>().await {
-                        Ok(j) => break (Outcome::Ok, Some(j.id.to_string()), Some(st), None, node),
-                        // The body was lost on the way: the outcome is
-                        // unknown, and a retry will return the same job.
-                        Err(e) => (Some(st), e.to_string()),
+            if inflight.is_empty() {
+                if tries > 0 {
+                    if Instant::now() >= deadline {
+                        break (Outcome::Unknown, None, last_err.0, Some(last_err.1), last_node);
                     }
+                    tokio::time::sleep(retry_pause(failures_in_a_row)).await;
                 }
-                Ok(r) if r.status().is_server_error() => {
-                    let st = r.status().as_u16();
-                    let code = r.json::<Value>().await.ok().and_then(|b| error_code(&b));
-                    (Some(st), code.unwrap_or_else(|| "5xx".into()))
+                tries += 1;
+                node_idx = ctx.submit_node(node_idx);
+                let node = ctx.node(node_idx).to_string();
+                let c = ctx.clone();
+                let b = body.clone();
+                let n = node_idx;
+                inflight.spawn(async move { (node, submit_try(c, n, b).await) });
+            }
+            // Hedging: a node that does not answer within --hedge-ms (frozen,
+            // cut off, or relaying to a leader that is) gets company: the same
+            // request goes to the next node while the first try stays open.
+            // Without it every submitter soon sits out a full request timeout
+            // on such a node and the measured unavailability is the client's
+            // timeout, not the cluster's failover (the Tail at Scale hedged
+            // request; safe only because of the requestId).
+            let may_hedge = !ctx.hedge_after.is_zero() && inflight.len() < 2;
+            let hedge = async {
+                if !may_hedge {
+                    std::future::pending::<()>().await;
                 }
-                Ok(r) => {
-                    // A definite rejection. After an ambiguous try it is still
-                    // possible the first try created the job (an idempotent
-                    // retry should have returned it, but we do not assume).
-                    let st = r.status().as_u16();
-                    let code = r.json::<Value>().await.ok().and_then(|b| error_code(&b));
-                    let o = if ambiguous { Outcome::Unknown } else { Outcome::Failed };
-                    break (o, None, Some(st), code, node);
-                }
-                Err(e) => {
+                tokio::time::sleep(ctx.hedge_after).await;
+            };
+            let joined = tokio::select! {
+                j = inflight.join_next() => j,
+                _ = hedge => {
+                    // The slow node is suspect from now on, so the others
+                    // stop queueing behind it too.
                     ctx.node_seen(node_idx, false);
-                    (None, if e.is_timeout() { "timeout".into() } else { format!("transport: {e}") })
+                    add(&ctx.stats.hedges);
+                    tries += 1;
+                    node_idx = ctx.submit_node(node_idx + 1);
+                    let node = ctx.node(node_idx).to_string();
+                    let c = ctx.clone();
+                    let b = body.clone();
+                    let n = node_idx;
+                    inflight.spawn(async move { (node, submit_try(c, n, b).await) });
+                    continue;
                 }
             };
-            ambiguous = true;
-            add(&ctx.stats.errors);
-            node_idx += 1;
-            if Instant::now() >= deadline {
-                break (Outcome::Unknown, None, st, Some(err), node);
+            let Some(Ok((node, end))) = joined else { continue };
+            last_node = node.clone();
+            match end {
+                TryEnd::Acked(st, id) => break (Outcome::Ok, Some(id.to_string()), Some(st), None, node),
+                TryEnd::Refused(st, code) => {
+                    // A definite rejection. After an ambiguous try (or with
+                    // another still open) it is still possible that one of the
+                    // others created the job: an idempotent retry should have
+                    // returned it, but we do not assume.
+                    let o = if ambiguous || !inflight.is_empty() { Outcome::Unknown } else { Outcome::Failed };
+                    break (o, None, Some(st), code, node);
+                }
+                TryEnd::Failed(st, err) => {
+                    ambiguous = true;
+                    failures_in_a_row += 1;
+                    add(&ctx.stats.errors);
+                    last_err = (st, err);
+                    node_idx += 1;
+                }
             }
-            // Why: during an election (~1 s) every node answers 503 at once;
-            // a short pause keeps us from hot-looping without hiding the
-            // moment writes are accepted again by more than 100 ms.
-            tokio::time::sleep(Duration::from_millis(100)).await;
         };
+        drop(inflight);
         match outcome {
             Outcome::Ok => add(&ctx.stats.submit_ok),
             Outcome::Failed => add(&ctx.stats.submit_failed),
