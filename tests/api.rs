@@ -47,6 +47,71 @@ async fn submit_on_follower_is_readable_on_every_node() {
     assert!(list["nextCursor"].is_null());
 }
 
+/// Relays from a follower travel in batches; every client still gets its
+/// own answer. Steps: fire 300 concurrent submits at a follower, each with
+/// its own name and requestId, plus invalid ones (negative maxRetries) and
+/// reads mixed in; every valid submit is 201 with its own name, every
+/// invalid one its own 422 and nothing else; the follower reports fewer
+/// relay batches than relayed items; a malformed batch body on the internal
+/// endpoint is a 400 and the node keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relayed_requests_are_batched_and_each_gets_its_own_answer() {
+    let c = Cluster::start(Opts::default()).await;
+    let f = c.follower().await;
+    let n = 300;
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let http = reqwest::Client::new();
+        let url = c.url(f);
+        tasks.push(tokio::spawn(async move {
+            let body = if i % 10 == 7 {
+                json!({"name": format!("bad-{i}"), "type": "echo", "maxRetries": -1})
+            } else {
+                json!({"name": format!("job-{i}"), "type": "echo", "requestId": format!("req-{i}")})
+            };
+            let r = http.post(format!("{url}/api/jobs")).json(&body).send().await.expect("submit");
+            let st = r.status().as_u16();
+            (i, st, r.json::<Value>().await.unwrap_or(Value::Null))
+        }));
+        if i % 50 == 0 {
+            let http = reqwest::Client::new();
+            let url = c.url(f);
+            tasks.push(tokio::spawn(async move {
+                let r = http.get(format!("{url}/api/jobs?limit=1")).send().await.expect("list");
+                (usize::MAX, r.status().as_u16(), Value::Null)
+            }));
+        }
+    }
+    let mut ids = std::collections::HashSet::new();
+    for t in tasks {
+        let (i, st, body) = t.await.unwrap();
+        if i == usize::MAX {
+            assert_eq!(st, 200, "relayed read");
+        } else if i % 10 == 7 {
+            assert_eq!(st, 422, "item {i}: {body}");
+            assert_eq!(body["error"]["field"], "maxRetries", "item {i}: {body}");
+        } else {
+            assert_eq!(st, 201, "item {i}: {body}");
+            assert_eq!(body["name"], format!("job-{i}"), "item {i} got someone else's answer: {body}");
+            assert!(ids.insert(body["id"].as_str().unwrap().to_owned()), "duplicate job id: {body}");
+        }
+    }
+    assert_eq!(ids.len(), n - n / 10);
+    let (_, list) = c.get(f, "/api/jobs?limit=1000").await;
+    assert_eq!(list["jobs"].as_array().unwrap().len(), ids.len(), "no job from the refused items");
+
+    let (_, view) = c.get(f, "/api/cluster").await;
+    let items = view["relayedItems"].as_u64().unwrap();
+    let batches = view["relayBatches"].as_u64().unwrap();
+    assert!(items >= n as u64, "{view}");
+    assert!(batches < items, "300 concurrent relays should share batches: {view}");
+
+    let (st, body) = c.post_raw(f, "/raft/relay", "not a batch").await;
+    assert_eq!(st, 400, "{body}");
+    let (st, _) = c.get(f, "/api/jobs?limit=1").await;
+    assert_eq!(st, 200);
+}
+
 /// Steps: register a worker; submit 3 jobs of different priority; acquire
 /// returns the highest priority first with attempt 1 and a fencing token;
 /// complete it (through another node); a second completion with an old

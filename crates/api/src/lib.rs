@@ -360,6 +360,12 @@ pub struct ClusterView {
     pub snapshot_index: Option<u64>,
     /// Milliseconds since the leader last heard from a quorum (leader only).
     pub millis_since_quorum_ack: Option<u64>,
+    /// Requests this node relayed to a leader in batches since it started,
+    /// and the batches that carried them (items / batches = batch size).
+    #[serde(default)]
+    pub relayed_items: u64,
+    #[serde(default)]
+    pub relay_batches: u64,
 }
 
 /// `GET /api/debug/digest`: a hash of the whole state machine at an index.

@@ -66,6 +66,11 @@ pub struct Config {
     pub max_batch: usize,
     /// Largest request body, bytes. Default 1048576.
     pub max_body_bytes: usize,
+    /// Followers send their relays to the leader in batches (one HTTP
+    /// request carries all queued ones; see `http::relay_batch`). `false`:
+    /// one HTTP request per relay, for comparison. Default true.
+    #[serde(default = "default_true")]
+    pub relay_batching: bool,
     /// Local IP that outgoing node-to-node connections (Raft RPCs, relays
     /// to the leader) are bound to; default: none (the OS picks). Chaos runs
     /// give each node its own loopback IP so firewall rules can cut one
@@ -76,6 +81,10 @@ pub struct Config {
     pub log_format: String,
     /// tracing filter, e.g. "info,openraft=warn". Default "info,openraft=warn".
     pub log_filter: String,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for Config {
@@ -96,6 +105,7 @@ impl Default for Config {
             propose_timeout_ms: 10_000,
             max_batch: 256,
             max_body_bytes: 1 << 20,
+            relay_batching: true,
             outbound_bind: None,
             log_format: "text".into(),
             log_filter: "info,openraft=warn".into(),
@@ -146,7 +156,7 @@ pub enum Subcommand {
 }
 
 /// Config keys that may be set as `JOBSCHED_<KEY>` environment variables.
-const ENV_KEYS: [&str; 18] = [
+const ENV_KEYS: [&str; 19] = [
     "node_id",
     "listen",
     "advertise",
@@ -162,6 +172,7 @@ const ENV_KEYS: [&str; 18] = [
     "propose_timeout_ms",
     "max_batch",
     "max_body_bytes",
+    "relay_batching",
     "outbound_bind",
     "log_format",
     "log_filter",

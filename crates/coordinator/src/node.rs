@@ -32,9 +32,15 @@ pub struct Node {
     pub proposer: Proposer,
     /// One HTTP client per process: Raft RPCs and forwarding share its pool.
     pub http: reqwest::Client,
+    /// Queues this node's relays to the leader into batches.
+    pub relays: crate::http::relay_batch::RelayBatcher,
     pub clock: Clock,
     /// Flips to true when the node starts shutting down (ends long polls).
     pub stopping: watch::Receiver<bool>,
+    /// Leadership as this node sees it; changes only when it changes.
+    leader: watch::Receiver<Leadership>,
+    /// True while this node is a leader out of touch with its quorum.
+    out_of_touch: watch::Receiver<bool>,
 }
 
 pub type SharedNode = Arc<Node>;
@@ -83,33 +89,28 @@ impl Node {
         (self.clock)()
     }
 
+    /// Who leads, as far as this node knows (see [`track_leadership`]).
     pub fn leadership(&self) -> Leadership {
-        let m = self.raft.metrics();
-        let m = m.borrow();
-        match m.current_leader {
-            Some(id) if id == self.id && m.state == ServerState::Leader => Leadership::Me,
-            Some(id) if id != self.id => match m.membership_config.membership().get_node(&id) {
-                Some(n) => Leadership::Other { id, addr: n.addr.clone() },
-                None => Leadership::Unknown,
-            },
-            _ => Leadership::Unknown,
-        }
+        self.leader.borrow().clone()
+    }
+
+    /// A receiver that wakes only when [`Node::leadership`] changes.
+    pub fn leadership_changes(&self) -> watch::Receiver<Leadership> {
+        self.leader.clone()
     }
 
     /// Wait up to `max` for some leader to be known (elections take a moment;
     /// waiting here turns a failover into latency instead of an error).
     pub async fn wait_for_leader(&self, max: Duration) -> Leadership {
-        let deadline = tokio::time::Instant::now() + max;
-        let mut rx = self.raft.metrics();
-        loop {
-            let l = self.leadership();
-            if l != Leadership::Unknown {
-                return l;
+        let mut rx = self.leader.clone();
+        let found = tokio::time::timeout(max, async {
+            match rx.wait_for(|l| *l != Leadership::Unknown).await {
+                Ok(l) => l.clone(),
+                Err(_) => Leadership::Unknown,
             }
-            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
-                return Leadership::Unknown;
-            }
-        }
+        })
+        .await;
+        found.unwrap_or(Leadership::Unknown)
     }
 
     pub fn members(&self) -> BTreeMap<u64, String> {
@@ -119,34 +120,17 @@ impl Node {
     }
 
     /// Is this node a leader that has heard from no quorum for more than
-    /// twice the election timeout? Followers that stopped hearing from it
-    /// start an election after at most election_max_ms plus a random
-    /// election timeout, so by then it has almost surely been replaced (a
-    /// partitioned old leader). openraft 0.9 has no check-quorum step-down:
-    /// without this, its requests would wait out `propose_timeout_ms`.
-    /// Twice the timeout keeps a slow but healthy leader (heartbeat replies
-    /// late under load) from refusing work. A single-voter cluster is its
-    /// own quorum and never out of touch.
+    /// twice the election timeout? (See [`track_leadership`] for the rule.)
     pub fn leader_out_of_touch(&self) -> bool {
-        let m = self.raft.metrics();
-        let m = m.borrow();
-        m.state == ServerState::Leader
-            && m.membership_config.membership().voter_ids().count() > 1
-            && m.millis_since_quorum_ack.is_some_and(|ms| ms > 2 * self.config.election_max_ms)
+        *self.out_of_touch.borrow()
     }
 
     /// Resolves once [`Node::leader_out_of_touch`] holds (never, if it never
-    /// does). Metrics are refreshed on every turn of openraft's loop, which
-    /// its heartbeat timer drives, so this notices within a tick.
+    /// does).
     async fn out_of_touch(&self) {
-        let mut rx = self.raft.metrics();
-        loop {
-            if self.leader_out_of_touch() {
-                return;
-            }
-            if rx.changed().await.is_err() {
-                return std::future::pending().await;
-            }
+        let mut rx = self.out_of_touch.clone();
+        if rx.wait_for(|o| *o).await.is_err() {
+            std::future::pending::<()>().await;
         }
     }
 
@@ -193,6 +177,65 @@ impl Node {
                 Err(ApiError::NoLeader { leader: None })
             }
             Err(e) => Err(ApiError::Internal(e.to_string())),
+        }
+    }
+}
+
+/// Publishes who leads and whether this leader is out of touch, from Raft's
+/// metrics, into two watches that change only when the answer changes.
+///
+/// Why a task of its own: openraft republishes its metrics on every turn of
+/// its loop (every append, commit and heartbeat: thousands of times a second
+/// under load). Requests waiting on a leader change (relays, proposals
+/// guarding against a partitioned leader) used to watch the metrics directly
+/// and were all woken, to find nothing changed, on every one of those turns:
+/// ~5% of a busy leader's CPU at 64 connections. Now one task takes those
+/// wake-ups and the waiters only wake for a real change.
+///
+/// Out of touch: a leader that has heard from no quorum for more than twice
+/// the election timeout. Followers that stopped hearing from it start an
+/// election after at most election_max_ms plus a random election timeout, so
+/// by then it has almost surely been replaced (a partitioned old leader).
+/// openraft 0.9 has no check-quorum step-down: without this, its requests
+/// would wait out `propose_timeout_ms`. Twice the timeout keeps a slow but
+/// healthy leader (heartbeat replies late under load) from refusing work. A
+/// single-voter cluster is its own quorum and never out of touch. Metrics
+/// are refreshed on every turn of openraft's loop, which its heartbeat timer
+/// drives, so the flag flips within a tick.
+async fn track_leadership(
+    id: u64,
+    raft: Raft,
+    election_max_ms: u64,
+    leader: watch::Sender<Leadership>,
+    out_of_touch: watch::Sender<bool>,
+) {
+    let mut rx = raft.metrics();
+    loop {
+        let (l, oot) = {
+            let m = rx.borrow_and_update();
+            let l = match m.current_leader {
+                Some(lid) if lid == id && m.state == ServerState::Leader => Leadership::Me,
+                Some(lid) if lid != id => match m.membership_config.membership().get_node(&lid) {
+                    Some(n) => Leadership::Other { id: lid, addr: n.addr.clone() },
+                    None => Leadership::Unknown,
+                },
+                _ => Leadership::Unknown,
+            };
+            let oot = m.state == ServerState::Leader
+                && m.membership_config.membership().voter_ids().count() > 1
+                && m.millis_since_quorum_ack.is_some_and(|ms| ms > 2 * election_max_ms);
+            (l, oot)
+        };
+        leader.send_if_modified(|cur| {
+            let changed = *cur != l;
+            if changed {
+                *cur = l;
+            }
+            changed
+        });
+        out_of_touch.send_if_modified(|cur| std::mem::replace(cur, oot) != oot);
+        if rx.changed().await.is_err() {
+            return;
         }
     }
 }
@@ -252,6 +295,9 @@ pub async fn run_with_listener(
         Duration::from_millis(config.propose_timeout_ms),
     );
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (leader_tx, leader_rx) = watch::channel(Leadership::Unknown);
+    let (oot_tx, oot_rx) = watch::channel(false);
+    tokio::spawn(track_leadership(config.node_id, raft.clone(), config.election_max_ms, leader_tx, oot_tx));
     let node = Arc::new(Node {
         id: config.node_id,
         addr: config.advertise_addr(),
@@ -260,9 +306,12 @@ pub async fn run_with_listener(
         sm: sm_kv,
         applied,
         proposer,
+        relays: crate::http::relay_batch::RelayBatcher::start(http.clone()),
         http,
         clock,
         stopping: stop_rx.clone(),
+        leader: leader_rx,
+        out_of_touch: oot_rx,
     });
 
     let monitors = tokio::spawn(crate::leader::run_monitors(node.clone(), stop_rx.clone()));

@@ -10,6 +10,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::error::{ApiError, NotLeaderMarker};
+use super::relay_batch::{BatchError, RelayItem};
 use crate::node::{Leadership, SharedNode};
 
 pub const HOPS_HEADER: &str = "x-jobsched-hops";
@@ -88,11 +89,11 @@ async fn relay_with_failover(
         match relay(node, &leader_addr, method, uri, headers, body.clone(), hops).await {
             Err(RelayError::NotDelivered) if tokio::time::Instant::now() < deadline => {
                 // Wait until this node sees a different leader (or itself).
-                let mut rx = node.raft.metrics();
+                let mut rx = node.leadership_changes();
                 let changed = tokio::time::timeout_at(deadline, async {
                     loop {
-                        match node.leadership() {
-                            Leadership::Other { addr, .. } if addr != leader_addr => return Some(addr),
+                        match &*rx.borrow_and_update() {
+                            Leadership::Other { addr, .. } if *addr != leader_addr => return Some(addr.clone()),
                             Leadership::Me => return None,
                             _ => {}
                         }
@@ -126,9 +127,9 @@ enum RelayError {
 /// Resolves once this node knows a leader other than `leader_addr` (never
 /// while leadership is unknown: an election in progress is not a change).
 async fn leader_moved_away(node: &SharedNode, leader_addr: &str) {
-    let mut rx = node.raft.metrics();
+    let mut rx = node.leadership_changes();
     loop {
-        match node.leadership() {
+        match &*rx.borrow_and_update() {
             Leadership::Me => return,
             Leadership::Other { addr, .. } if addr != leader_addr => return,
             _ => {}
@@ -162,7 +163,50 @@ async fn read_limited(body: Body, limit: usize) -> Option<Bytes> {
 
 /// Headers worth passing on in each direction.
 const REQUEST_HEADERS: [&str; 3] = ["content-type", "idempotency-key", "accept"];
-const RESPONSE_HEADERS: [&str; 3] = ["content-type", "location", "retry-after"];
+pub(crate) const RESPONSE_HEADERS: [&str; 3] = ["content-type", "location", "retry-after"];
+
+/// Long polls stay out of relay batches (see [`super::relay_batch`]).
+fn batchable(uri: &Uri) -> bool {
+    uri.path() != "/api/jobs/acquire"
+}
+
+/// Relay through the batcher: one HTTP request to the leader carries every
+/// request queued on this node at that moment.
+async fn relay_batched(
+    node: &SharedNode,
+    leader_addr: &str,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Bytes,
+    hops: u32,
+) -> Result<Response, RelayError> {
+    let mut item_headers = vec![(HeaderName::from_static(HOPS_HEADER), HeaderValue::from(hops + 1))];
+    for name in REQUEST_HEADERS {
+        if let Some(v) = headers.get(name) {
+            item_headers.push((HeaderName::from_static(name), v.clone()));
+        }
+    }
+    let item = RelayItem {
+        method: method.clone(),
+        path: uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
+        headers: item_headers,
+        body,
+    };
+    // A frozen leader never answers: stop waiting once another is known
+    // (the outcome is unknown, as for a single relay).
+    tokio::select! {
+        r = node.relays.relay(leader_addr, item) => match r {
+            Ok(reply) => Ok(reply.into_response()),
+            Err(BatchError::NotDelivered) => Err(RelayError::NotDelivered),
+            Err(BatchError::Unknown) => Err(RelayError::Unknown),
+        },
+        _ = leader_moved_away(node, leader_addr) => {
+            tracing::debug!(leader = leader_addr, "leader changed while relaying");
+            Err(RelayError::Unknown)
+        }
+    }
+}
 
 async fn relay(
     node: &SharedNode,
@@ -173,6 +217,9 @@ async fn relay(
     body: Bytes,
     hops: u32,
 ) -> Result<Response, RelayError> {
+    if node.config.relay_batching && batchable(uri) {
+        return relay_batched(node, leader_addr, method, uri, headers, body, hops).await;
+    }
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let url = format!("http://{leader_addr}{path}");
     let mut rb = node

@@ -14,6 +14,7 @@ pub mod forward;
 pub mod jobs;
 pub mod openapi;
 pub mod raft_rpc;
+pub mod relay_batch;
 pub mod workers;
 
 use axum::extract::DefaultBodyLimit;
@@ -41,11 +42,17 @@ pub fn router(node: SharedNode) -> Router {
         .layer(axum::middleware::from_fn_with_state(node.clone(), forward::forward_to_leader))
         // Bodies over the limit get 413 from our extractors.
         .layer(DefaultBodyLimit::max(node.config.max_body_bytes));
+    // Batched relays from followers run through the very same API router.
+    let api_service: Router = api.clone().with_state(node.clone());
     // Peers are trusted and appends/snapshot chunks can be large: no limit.
     let raft = Router::new()
         .route("/raft/append", post(raft_rpc::append))
         .route("/raft/vote", post(raft_rpc::vote))
         .route("/raft/snapshot", post(raft_rpc::snapshot))
+        .route(
+            relay_batch::PATH_RELAY,
+            post(move |body: axum::body::Bytes| relay_batch::serve(api_service.clone(), body)),
+        )
         .layer(DefaultBodyLimit::disable());
 
     Router::new()
