@@ -32,6 +32,9 @@ pub struct Node {
     pub proposer: Proposer,
     /// One HTTP client per process: Raft RPCs and forwarding share its pool.
     pub http: reqwest::Client,
+    /// Lets this node campaign at once when it is the better candidate
+    /// (see `jobsched_raft::election`).
+    pub election_nudge: jobsched_raft::ElectionNudge,
     /// Queues this node's relays to the leader into batches.
     pub relays: crate::http::relay_batch::RelayBatcher,
     pub clock: Clock,
@@ -307,6 +310,7 @@ pub async fn run_with_listener(
         applied,
         proposer,
         relays: crate::http::relay_batch::RelayBatcher::start(http.clone()),
+        election_nudge: jobsched_raft::ElectionNudge::new(Duration::from_millis(config.election_max_ms)),
         http,
         clock,
         stopping: stop_rx.clone(),

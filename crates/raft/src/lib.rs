@@ -27,12 +27,14 @@
 #![allow(clippy::result_large_err)]
 
 pub mod config;
+pub mod election;
 pub mod network;
 pub mod snapshot_file;
 pub mod store;
 mod types;
 
 pub use config::{initialize_cluster, raft_config};
+pub use election::ElectionNudge;
 pub use network::{handle_append, handle_snapshot, handle_vote, Network, NetworkConnection, WireError, WIRE_VERSION};
 pub use store::{open_stores, LogStore, OpenError, SmKv, SnapshotBuilder, StateMachineStore};
 pub use types::*;

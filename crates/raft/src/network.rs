@@ -42,6 +42,7 @@ use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::election::ElectionNudge;
 use crate::types::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, Node, NodeId, Raft,
     TypeConfig, VoteRequest, VoteResponse,
@@ -86,17 +87,25 @@ pub fn decode_message<T: DeserializeOwned>(body: &[u8]) -> Result<T, WireError> 
 // ----- server side -------------------------------------------------------------
 
 /// Serve `POST /raft/append`: decode, hand to the local Raft, encode its result.
-pub async fn handle_append(raft: &Raft, body: &[u8]) -> Result<Vec<u8>, WireError> {
+pub async fn handle_append(raft: &Raft, nudge: &ElectionNudge, body: &[u8]) -> Result<Vec<u8>, WireError> {
     let req: AppendEntriesRequest = decode_message(body)?;
     let res: Result<AppendEntriesResponse, RaftError<NodeId>> = raft.append_entries(req).await;
+    if let Ok(resp) = &res {
+        nudge.append_answered(resp);
+    }
     encode_message(&res)
 }
 
 /// Serve `POST /raft/vote`.
-pub async fn handle_vote(raft: &Raft, body: &[u8]) -> Result<Vec<u8>, WireError> {
+/// After answering, the [`ElectionNudge`] may start an election here.
+pub async fn handle_vote(raft: &Raft, nudge: &ElectionNudge, body: &[u8]) -> Result<Vec<u8>, WireError> {
     let req: VoteRequest = decode_message(body)?;
-    let res: Result<VoteResponse, RaftError<NodeId>> = raft.vote(req).await;
-    encode_message(&res)
+    let res: Result<VoteResponse, RaftError<NodeId>> = raft.vote(req.clone()).await;
+    let out = encode_message(&res);
+    if let Ok(resp) = &res {
+        nudge.vote_answered(raft, &req, resp).await;
+    }
+    out
 }
 
 /// Serve `POST /raft/snapshot` (one chunk; the last one installs).

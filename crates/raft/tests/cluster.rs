@@ -26,8 +26,8 @@ use axum::routing::post;
 use axum::Router;
 use jobsched_core::{Batch, Command, JobSpec, Outcome};
 use jobsched_raft::{
-    handle_append, handle_snapshot, handle_vote, initialize_cluster, open_stores, raft_config, BasicNode, Network,
-    Raft, SmKv, WireError,
+    handle_append, handle_snapshot, handle_vote, initialize_cluster, open_stores, raft_config, BasicNode,
+    ElectionNudge, Network, Raft, SmKv, WireError,
 };
 use tempfile::TempDir;
 use uuid::Uuid;
@@ -46,15 +46,17 @@ fn wire(res: Result<Vec<u8>, WireError>) -> Response {
     }
 }
 
-async fn append(State(raft): State<Raft>, body: Bytes) -> Response {
-    wire(handle_append(&raft, &body).await)
+type Peer = (Raft, Arc<ElectionNudge>);
+
+async fn append(State((raft, nudge)): State<Peer>, body: Bytes) -> Response {
+    wire(handle_append(&raft, &nudge, &body).await)
 }
 
-async fn vote(State(raft): State<Raft>, body: Bytes) -> Response {
-    wire(handle_vote(&raft, &body).await)
+async fn vote(State((raft, nudge)): State<Peer>, body: Bytes) -> Response {
+    wire(handle_vote(&raft, &nudge, &body).await)
 }
 
-async fn snapshot(State(raft): State<Raft>, body: Bytes) -> Response {
+async fn snapshot(State((raft, _)): State<Peer>, body: Bytes) -> Response {
     wire(handle_snapshot(&raft, &body).await)
 }
 
@@ -72,7 +74,7 @@ async fn start_node(id: u64, addr: SocketAddr, client: reqwest::Client) -> TestN
         .route("/raft/vote", post(vote))
         .route("/raft/snapshot", post(snapshot))
         .layer(DefaultBodyLimit::disable())
-        .with_state(raft.clone());
+        .with_state((raft.clone(), Arc::new(ElectionNudge::new(Duration::from_millis(600)))));
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let server = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;

@@ -19,11 +19,11 @@ fn reply(result: Result<Vec<u8>, jobsched_raft::WireError>) -> Response {
 }
 
 pub async fn append(State(node): State<SharedNode>, body: Bytes) -> Response {
-    reply(jobsched_raft::handle_append(&node.raft, &body).await)
+    reply(jobsched_raft::handle_append(&node.raft, &node.election_nudge, &body).await)
 }
 
 pub async fn vote(State(node): State<SharedNode>, body: Bytes) -> Response {
-    reply(jobsched_raft::handle_vote(&node.raft, &body).await)
+    reply(jobsched_raft::handle_vote(&node.raft, &node.election_nudge, &body).await)
 }
 
 pub async fn snapshot(State(node): State<SharedNode>, body: Bytes) -> Response {
