@@ -164,9 +164,11 @@ write_results() {
     echo "its checker output. \"unavailability\" is client-observed: the longest gap"
     echo "between acknowledged submits from a fault's start until 5 s after its"
     echo "command returned (restart or heal included), with a 2 s client request"
-    echo "timeout, 100 ms between retries, and a node avoided after a timeout or"
-    echo "refused connection (one probe at a time after 2 s); \"failover\" takes the"
-    echo "faults that hit the leader (kill -9, SIGSTOP, partition)."
+    echo "timeout, a hedge (same requestId to the next node) after 300 ms without"
+    echo "an answer, 10/50/100 ms between retries, and a node avoided after a"
+    echo "timeout, hedge or refused connection (one probe at a time after 2 s);"
+    echo "\"failover\" takes the faults that hit the leader (kill -9, SIGSTOP,"
+    echo "partition)."
     for p in "$@"; do
       echo
       echo "## $p"

@@ -210,6 +210,7 @@ pub async fn run(a: RunArgs) -> Result<()> {
         a.history.display()
     );
 
+    stop_faults_on_signal();
     let submit_stop = Arc::new(AtomicBool::new(false));
     let worker_stop = Arc::new(AtomicBool::new(false));
     let progress_stop = Arc::new(AtomicBool::new(false));
@@ -855,25 +856,77 @@ async fn fault_loop(ctx: Arc<Ctx>, specs: Vec<FaultSpec>, every: f64, stop: Arc<
         });
         println!("t={:.1}s fault {index} [{}]: {cmd}", ctx.t0.elapsed().as_secs_f64(), spec.kind);
         let exit_code = match &spec.action {
-            FaultAction::Shell(_) => match tokio::process::Command::new("sh")
-                .arg("-c")
-                .arg(&cmd)
-                .stdout(std::process::Stdio::null())
-                .status()
-                .await
-            {
-                Ok(s) => s.code(),
-                Err(e) => {
-                    println!("fault {index}: could not run: {e}");
-                    None
-                }
-            },
+            FaultAction::Shell(_) => run_fault_command(index, &cmd).await,
             FaultAction::Worker(kind, frozen) => worker_fault(&ctx, &mut rng, index, *kind, *frozen).await,
         };
         ctx.rec.record(Event::FaultEnd { index, t_ms: ctx.ms(), exit_code });
         add(&ctx.stats.faults_done);
         index += 1;
     }
+}
+
+/// Process group of the fault command running now (0: none); see
+/// [`run_fault_command`] and [`stop_faults_on_signal`].
+static FAULT_GROUP: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Runs one shell fault command in a process group of its own and returns
+/// its exit code. Why the group: the command's second half (restart, heal)
+/// often runs seconds later (`kill N && sleep 2; start N`); if this tool
+/// is interrupted meanwhile, that half must not run later against whatever
+/// cluster is up by then (a new run's). The group lets the signal handler
+/// end the command and all its children at once, and the parent-death
+/// signal ends the shell even if this tool is killed with SIGKILL.
+async fn run_fault_command(index: usize, cmd: &str) -> Option<i32> {
+    let mut command = tokio::process::Command::new("sh");
+    command.arg("-c").arg(cmd).stdout(std::process::Stdio::null()).process_group(0);
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = match command.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            println!("fault {index}: could not run: {e}");
+            return None;
+        }
+    };
+    FAULT_GROUP.store(child.id().map_or(0, |p| p as i32), Ordering::SeqCst);
+    let status = child.wait().await;
+    FAULT_GROUP.store(0, Ordering::SeqCst);
+    match status {
+        Ok(s) => s.code(),
+        Err(e) => {
+            println!("fault {index}: {e}");
+            None
+        }
+    }
+}
+
+/// On SIGINT or SIGTERM: kill the running fault command's whole process
+/// group (see [`run_fault_command`]), then exit 130. The history written so
+/// far stays on disk; the cluster may be left with a node down or cut off
+/// (`scripts/chaos.sh` tears it down).
+pub fn stop_faults_on_signal() {
+    tokio::spawn(async {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(_) => return,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        let group = FAULT_GROUP.load(Ordering::SeqCst);
+        if group > 0 {
+            // SAFETY: plain syscall; a negative pid addresses the group.
+            unsafe { libc::kill(-group, libc::SIGKILL) };
+            eprintln!("interrupted: killed the running fault command (process group {group})");
+        }
+        std::process::exit(130);
+    });
 }
 
 /// Plans a worker fault on a random worker slot and waits until the worker
