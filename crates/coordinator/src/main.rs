@@ -8,16 +8,6 @@ use clap::Parser;
 use jobsched_coordinator::config::Subcommand;
 use jobsched_coordinator::{Config, Flags};
 
-/// Why not the system allocator: on the hot path (HTTP, JSON, Raft entries,
-/// RocksDB batches) a node allocates and frees many small buffers across
-/// threads; with glibc malloc that was 13-15% of a node's CPU in `perf`
-/// (malloc, _int_free, malloc_consolidate, unlink_chunk), and freed memory
-/// stayed in per-thread arenas, which inflated resident memory after bulk
-/// loads. mimalloc's thread-local free lists are cheaper and return memory
-/// to the OS.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let flags = Flags::parse();
     if let Some(Subcommand::Healthcheck { addr: Some(addr) }) = &flags.command {
