@@ -236,7 +236,17 @@ async fn frozen_leader_does_not_stall_relayed_writes() {
     eprintln!("write acknowledged {:?} after freezing the leader", started.elapsed());
     c.resume(leader);
     c.wait_ready(Duration::from_secs(20)).await;
-    let (_, list) = c.get(leader, "/api/jobs").await;
+    // Just after SIGCONT the old leader may still believe it leads until it
+    // hears the new term; meanwhile it answers the documented 503 (retry).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let list = loop {
+        let (st, list) = c.get(leader, "/api/jobs").await;
+        match st {
+            200 => break list,
+            503 if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            _ => panic!("read on the resumed old leader: {st} {list}"),
+        }
+    };
     let jobs = list["jobs"].as_array().unwrap();
     assert_eq!(jobs.len(), 1, "{list}");
     assert_eq!(jobs[0]["id"], created.unwrap()["id"]);

@@ -71,6 +71,11 @@ pub struct Config {
     /// one HTTP request per relay, for comparison. Default true.
     #[serde(default = "default_true")]
     pub relay_batching: bool,
+    /// A follower that refuses a candidate for a shorter log while it has
+    /// no live leader campaigns at once (`jobsched_raft::election`).
+    /// `false`: plain openraft election timing. Default true.
+    #[serde(default = "default_true")]
+    pub election_nudge: bool,
     /// Local IP that outgoing node-to-node connections (Raft RPCs, relays
     /// to the leader) are bound to; default: none (the OS picks). Chaos runs
     /// give each node its own loopback IP so firewall rules can cut one
@@ -106,6 +111,7 @@ impl Default for Config {
             max_batch: 256,
             max_body_bytes: 1 << 20,
             relay_batching: true,
+            election_nudge: true,
             outbound_bind: None,
             log_format: "text".into(),
             log_filter: "info,openraft=warn".into(),
@@ -156,7 +162,7 @@ pub enum Subcommand {
 }
 
 /// Config keys that may be set as `JOBSCHED_<KEY>` environment variables.
-const ENV_KEYS: [&str; 19] = [
+const ENV_KEYS: [&str; 20] = [
     "node_id",
     "listen",
     "advertise",
@@ -173,6 +179,7 @@ const ENV_KEYS: [&str; 19] = [
     "max_batch",
     "max_body_bytes",
     "relay_batching",
+    "election_nudge",
     "outbound_bind",
     "log_format",
     "log_filter",

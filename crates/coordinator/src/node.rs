@@ -93,8 +93,13 @@ impl Node {
     }
 
     /// Who leads, as far as this node knows (see [`track_leadership`]).
+    ///
+    /// Read from Raft's metrics at the call, not from the watch: the watch
+    /// task may not have run yet after a change (e.g. just after this node
+    /// resumed from a pause), and a stale "me" would send a request down the
+    /// leader path of a node that is no longer leader.
     pub fn leadership(&self) -> Leadership {
-        self.leader.borrow().clone()
+        leadership_in(self.id, &self.raft.metrics().borrow())
     }
 
     /// A receiver that wakes only when [`Node::leadership`] changes.
@@ -107,9 +112,14 @@ impl Node {
     pub async fn wait_for_leader(&self, max: Duration) -> Leadership {
         let mut rx = self.leader.clone();
         let found = tokio::time::timeout(max, async {
-            match rx.wait_for(|l| *l != Leadership::Unknown).await {
-                Ok(l) => l.clone(),
-                Err(_) => Leadership::Unknown,
+            loop {
+                let l = self.leadership();
+                if l != Leadership::Unknown {
+                    return l;
+                }
+                if rx.changed().await.is_err() {
+                    return Leadership::Unknown;
+                }
             }
         })
         .await;
@@ -125,7 +135,7 @@ impl Node {
     /// Is this node a leader that has heard from no quorum for more than
     /// twice the election timeout? (See [`track_leadership`] for the rule.)
     pub fn leader_out_of_touch(&self) -> bool {
-        *self.out_of_touch.borrow()
+        out_of_touch_in(self.config.election_max_ms, &self.raft.metrics().borrow())
     }
 
     /// Resolves once [`Node::leader_out_of_touch`] holds (never, if it never
@@ -216,18 +226,7 @@ async fn track_leadership(
     loop {
         let (l, oot) = {
             let m = rx.borrow_and_update();
-            let l = match m.current_leader {
-                Some(lid) if lid == id && m.state == ServerState::Leader => Leadership::Me,
-                Some(lid) if lid != id => match m.membership_config.membership().get_node(&lid) {
-                    Some(n) => Leadership::Other { id: lid, addr: n.addr.clone() },
-                    None => Leadership::Unknown,
-                },
-                _ => Leadership::Unknown,
-            };
-            let oot = m.state == ServerState::Leader
-                && m.membership_config.membership().voter_ids().count() > 1
-                && m.millis_since_quorum_ack.is_some_and(|ms| ms > 2 * election_max_ms);
-            (l, oot)
+            (leadership_in(id, &m), out_of_touch_in(election_max_ms, &m))
         };
         leader.send_if_modified(|cur| {
             let changed = *cur != l;
@@ -241,6 +240,25 @@ async fn track_leadership(
             return;
         }
     }
+}
+
+/// Who leads according to `m`, as seen by node `id`.
+fn leadership_in(id: u64, m: &openraft::RaftMetrics<u64, BasicNode>) -> Leadership {
+    match m.current_leader {
+        Some(lid) if lid == id && m.state == ServerState::Leader => Leadership::Me,
+        Some(lid) if lid != id => match m.membership_config.membership().get_node(&lid) {
+            Some(n) => Leadership::Other { id: lid, addr: n.addr.clone() },
+            None => Leadership::Unknown,
+        },
+        _ => Leadership::Unknown,
+    }
+}
+
+/// The out-of-touch rule (see [`track_leadership`]) applied to `m`.
+fn out_of_touch_in(election_max_ms: u64, m: &openraft::RaftMetrics<u64, BasicNode>) -> bool {
+    m.state == ServerState::Leader
+        && m.membership_config.membership().voter_ids().count() > 1
+        && m.millis_since_quorum_ack.is_some_and(|ms| ms > 2 * election_max_ms)
 }
 
 /// Start a node and run it until `shutdown` resolves.
@@ -310,7 +328,10 @@ pub async fn run_with_listener(
         applied,
         proposer,
         relays: crate::http::relay_batch::RelayBatcher::start(http.clone()),
-        election_nudge: jobsched_raft::ElectionNudge::new(Duration::from_millis(config.election_max_ms)),
+        election_nudge: jobsched_raft::ElectionNudge::new(
+            Duration::from_millis(config.election_max_ms),
+            config.election_nudge,
+        ),
         http,
         clock,
         stopping: stop_rx.clone(),

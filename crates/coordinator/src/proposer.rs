@@ -54,7 +54,7 @@ pub struct Proposer {
 impl Proposer {
     pub fn start(raft: Raft, clock: Clock, max_batch: usize, timeout: Duration) -> Proposer {
         let (tx, rx) = mpsc::channel(max_batch * MAX_IN_FLIGHT * 4);
-        tokio::spawn(run(raft, clock, rx, max_batch));
+        tokio::spawn(run(raft, clock, rx, max_batch, timeout));
         Proposer { tx, timeout }
     }
 
@@ -71,7 +71,7 @@ impl Proposer {
     }
 }
 
-async fn run(raft: Raft, clock: Clock, mut rx: mpsc::Receiver<Pending>, max_batch: usize) {
+async fn run(raft: Raft, clock: Clock, mut rx: mpsc::Receiver<Pending>, max_batch: usize, timeout: Duration) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     while let Some(first) = rx.recv().await {
         // Wait for a free slot *before* draining the queue: everything that
@@ -101,7 +101,24 @@ async fn run(raft: Raft, clock: Clock, mut rx: mpsc::Receiver<Pending>, max_batc
                 commands.extend(p.cmds);
             }
             let n = commands.len();
-            match crate::node::client_write(&raft, Batch { now_ms, commands }).await {
+            // Why a bound here too (callers have their own): an entry
+            // appended by a leader that is then cut off and deposed is
+            // truncated by the next leader, and openraft 0.9 never answers
+            // its client_write. Unbounded, each such entry kept its
+            // in-flight slot forever; after MAX_IN_FLIGHT of them this
+            // node's proposer was dead, and when the node was elected again
+            // it accepted no write at all (found by the partition soak: 60-90
+            // s outages with a healthy Raft quorum). The outcome of a timed
+            // out entry is unknown, as for the callers.
+            let written = tokio::time::timeout(timeout, crate::node::client_write(&raft, Batch { now_ms, commands }));
+            let Ok(written) = written.await else {
+                tracing::warn!(commands = n, "proposal not answered within the propose timeout; slot released");
+                for (_, reply) in replies {
+                    let _ = reply.send(Err(ProposeError::Timeout));
+                }
+                return;
+            };
+            match written {
                 Ok(outcomes) if outcomes.len() == n => {
                     let mut outcomes = outcomes.into_iter();
                     for (count, reply) in replies {

@@ -19,18 +19,28 @@
 //! held right away rather than after a timer. Safety does not depend on
 //! timing in Raft: an extra election can cost availability, never data, and
 //! the lease check plus a rate limit keep it from competing with a live
-//! leader or from repeating.
+//! leader or from repeating. If that campaign is refused because it ran in
+//! the candidate's own term, a second one runs a term higher (see
+//! `vote_answered`).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use openraft::ServerState;
+
 use crate::types::{AppendEntriesResponse, Raft, VoteRequest, VoteResponse};
+
+/// How long the first nudged campaign gets before a second one (a vote round
+/// between live peers on loopback takes a few ms).
+const SECOND_ROUND_AFTER: Duration = Duration::from_millis(50);
 
 /// Per-node state of the nudge; the RPC handlers feed it.
 #[derive(Debug)]
 pub struct ElectionNudge {
     /// openraft's leader lease: `election_timeout_max`.
     lease: Duration,
+    /// Off: never campaigns (plain openraft behaviour).
+    enabled: bool,
     inner: Mutex<Inner>,
 }
 
@@ -43,8 +53,8 @@ struct Inner {
 }
 
 impl ElectionNudge {
-    pub fn new(election_timeout_max: Duration) -> ElectionNudge {
-        ElectionNudge { lease: election_timeout_max, inner: Mutex::new(Inner::default()) }
+    pub fn new(election_timeout_max: Duration, enabled: bool) -> ElectionNudge {
+        ElectionNudge { lease: election_timeout_max, enabled, inner: Mutex::new(Inner::default()) }
     }
 
     /// An append-entries call finished here with `resp`.
@@ -56,7 +66,7 @@ impl ElectionNudge {
 
     /// Should a node that answered `req` with `resp` campaign now?
     fn should_campaign(&self, req: &VoteRequest, resp: &VoteResponse, now: Instant) -> bool {
-        if resp.vote_granted || resp.last_log_id <= req.last_log_id {
+        if !self.enabled || resp.vote_granted || resp.last_log_id <= req.last_log_id {
             return false;
         }
         let mut inner = self.inner.lock().expect("nudge lock");
@@ -74,7 +84,11 @@ impl ElectionNudge {
 
     /// Called after this node answered a vote request.
     pub async fn vote_answered(&self, raft: &Raft, req: &VoteRequest, resp: &VoteResponse) {
-        if self.should_campaign(req, resp, Instant::now()) {
+        // A leader hears no appends, so its "lease" always looks over; it has
+        // nothing to campaign for (openraft steps it down by itself if the
+        // candidate's term wins).
+        let leading = raft.metrics().borrow().state == ServerState::Leader;
+        if !leading && self.should_campaign(req, resp, Instant::now()) {
             tracing::info!(
                 candidate = %req.vote,
                 candidate_log = ?req.last_log_id,
@@ -83,7 +97,26 @@ impl ElectionNudge {
             );
             if let Err(e) = raft.trigger().elect().await {
                 tracing::warn!("election nudge: {e}");
+                return;
             }
+            // Why a second round: our term is still the old leader's (a
+            // refusal by log does not adopt the candidate's term), so the
+            // campaign just started has the candidate's term, and the
+            // candidate, having voted for itself in that term, refuses it
+            // whenever its node id is the higher one (openraft orders votes of
+            // one term by node id). That refusal makes us adopt its vote, so
+            // a second campaign runs one term above it and is granted.
+            let raft = raft.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(SECOND_ROUND_AFTER).await;
+                let still_campaigning = raft.metrics().borrow().state == ServerState::Candidate;
+                if still_campaigning {
+                    tracing::info!("election nudge: first campaign not granted, campaigning one term higher");
+                    if let Err(e) = raft.trigger().elect().await {
+                        tracing::warn!("election nudge: {e}");
+                    }
+                }
+            });
         }
     }
 }
@@ -104,7 +137,7 @@ mod tests {
     #[test]
     fn campaigns_only_with_a_longer_log_an_expired_lease_and_once_per_lease() {
         let lease = Duration::from_millis(400);
-        let n = ElectionNudge::new(lease);
+        let n = ElectionNudge::new(lease, true);
         let t0 = Instant::now();
         n.inner.lock().unwrap().last_append = Some(t0);
         // Lease still running: a live leader may exist.
@@ -118,5 +151,7 @@ mod tests {
         assert!(n.should_campaign(&req(10), &resp(false, 12), later));
         assert!(!n.should_campaign(&req(10), &resp(false, 12), later + Duration::from_millis(100)));
         assert!(n.should_campaign(&req(10), &resp(false, 12), later + Duration::from_millis(500)));
+        let off = ElectionNudge::new(lease, false);
+        assert!(!off.should_campaign(&req(10), &resp(false, 12), later));
     }
 }

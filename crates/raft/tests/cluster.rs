@@ -74,7 +74,7 @@ async fn start_node(id: u64, addr: SocketAddr, client: reqwest::Client) -> TestN
         .route("/raft/vote", post(vote))
         .route("/raft/snapshot", post(snapshot))
         .layer(DefaultBodyLimit::disable())
-        .with_state((raft.clone(), Arc::new(ElectionNudge::new(Duration::from_millis(600)))));
+        .with_state((raft.clone(), Arc::new(ElectionNudge::new(Duration::from_millis(600), true))));
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let server = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;

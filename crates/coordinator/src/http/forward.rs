@@ -92,8 +92,9 @@ async fn relay_with_failover(
                 let mut rx = node.leadership_changes();
                 let changed = tokio::time::timeout_at(deadline, async {
                     loop {
-                        match &*rx.borrow_and_update() {
-                            Leadership::Other { addr, .. } if *addr != leader_addr => return Some(addr.clone()),
+                        rx.borrow_and_update();
+                        match node.leadership() {
+                            Leadership::Other { addr, .. } if addr != leader_addr => return Some(addr),
                             Leadership::Me => return None,
                             _ => {}
                         }
@@ -129,7 +130,8 @@ enum RelayError {
 async fn leader_moved_away(node: &SharedNode, leader_addr: &str) {
     let mut rx = node.leadership_changes();
     loop {
-        match &*rx.borrow_and_update() {
+        rx.borrow_and_update();
+        match node.leadership() {
             Leadership::Me => return,
             Leadership::Other { addr, .. } if addr != leader_addr => return,
             _ => {}
@@ -170,29 +172,26 @@ fn batchable(uri: &Uri) -> bool {
     uri.path() != "/api/jobs/acquire"
 }
 
-/// Relay through the batcher: one HTTP request to the leader carries every
-/// request queued on this node at that moment.
-async fn relay_batched(
-    node: &SharedNode,
-    leader_addr: &str,
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
-    body: Bytes,
-    hops: u32,
-) -> Result<Response, RelayError> {
+/// The batcher's form of a request: the headers worth passing on, and the
+/// hop count the leader will see.
+fn relay_item(method: &Method, uri: &Uri, headers: &HeaderMap, body: Bytes, hops: u32) -> RelayItem {
     let mut item_headers = vec![(HeaderName::from_static(HOPS_HEADER), HeaderValue::from(hops + 1))];
     for name in REQUEST_HEADERS {
         if let Some(v) = headers.get(name) {
             item_headers.push((HeaderName::from_static(name), v.clone()));
         }
     }
-    let item = RelayItem {
+    RelayItem {
         method: method.clone(),
         path: uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
         headers: item_headers,
         body,
-    };
+    }
+}
+
+/// Relay through the batcher: one HTTP request to the leader carries every
+/// request queued on this node at that moment.
+async fn relay_batched(node: &SharedNode, leader_addr: &str, item: RelayItem) -> Result<Response, RelayError> {
     // A frozen leader never answers: stop waiting once another is known
     // (the outcome is unknown, as for a single relay).
     tokio::select! {
@@ -218,7 +217,7 @@ async fn relay(
     hops: u32,
 ) -> Result<Response, RelayError> {
     if node.config.relay_batching && batchable(uri) {
-        return relay_batched(node, leader_addr, method, uri, headers, body, hops).await;
+        return relay_batched(node, leader_addr, relay_item(method, uri, headers, body, hops)).await;
     }
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let url = format!("http://{leader_addr}{path}");
