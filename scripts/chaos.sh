@@ -22,7 +22,8 @@
 #
 # Environment: RUN_DIR (default ./run/chaos), PORT_BASE (5100), KEEP=1 (leave
 # the cluster running afterwards), NO_BUILD=1 (use the binaries already
-# built), DURATION, FAULT_EVERY, PARTITION_SECS, WORKER_PAUSE_SECS; soak
+# built), DURATION, FAULT_EVERY, PARTITION_SECS, WORKER_PAUSE_SECS,
+# DRAIN_TIMEOUT (60: seconds without progress before the drain gives up); soak
 # rounds: KILL_ROUNDS (100, leader hit every other round), PAUSE_ROUNDS
 # (100), PARTITION_ROUNDS (12, leader every other), PARTITION_SECS (180 in
 # soak), WORKER_ROUNDS (20), ALLKILL_ROUNDS (5), RESULTS

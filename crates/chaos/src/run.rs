@@ -51,7 +51,9 @@ pub struct RunArgs {
     /// Seconds between fault starts (counted from the previous fault's end).
     #[arg(long, default_value_t = 15.0)]
     pub fault_every: f64,
-    /// Seconds to wait, after submitting stops, for all jobs to finish.
+    /// After submitting stops, the drain waits for all jobs to finish; it
+    /// gives up when the number of open jobs has not fallen for this many
+    /// seconds (a stall), however long the backlog takes to work off.
     #[arg(long, default_value_t = 120.0)]
     pub drain_timeout: f64,
     /// Seconds one submit or completion keeps retrying before its
@@ -715,22 +717,28 @@ async fn heartbeat_loop(ctx: Arc<Ctx>, w: usize, id: Uuid, held: Held, stop: Arc
     }
 }
 
-/// Polls until none of this run's jobs is Pending, Running or Failed, or the
-/// bounded wait runs out. Returns (drained, how many were left).
-async fn drain(ctx: &Ctx, limit: Duration) -> (bool, usize) {
-    let end = Instant::now() + limit;
+/// Polls until none of this run's jobs is Pending, Running or Failed, or
+/// their number has not fallen for `stall` (the workers' pace depends on the
+/// machine, so a fixed deadline would fail a healthy run with a large
+/// backlog). Returns (drained, how many were left).
+async fn drain(ctx: &Ctx, stall: Duration) -> (bool, usize) {
+    let mut last_progress = Instant::now();
     let mut remaining = usize::MAX;
     loop {
         if let Ok(jobs) = cluster::all_jobs(&ctx.http, &ctx.nodes).await {
-            remaining = jobs
+            let open = jobs
                 .iter()
                 .filter(|j| j.name == ctx.job_name && matches!(j.status.as_str(), "Pending" | "Running" | "Failed"))
                 .count();
-            if remaining == 0 {
+            if open == 0 {
                 return (true, 0);
             }
+            if open < remaining {
+                last_progress = Instant::now();
+            }
+            remaining = open;
         }
-        if Instant::now() >= end {
+        if last_progress.elapsed() >= stall {
             return (false, remaining);
         }
         tokio::time::sleep(Duration::from_secs(1)).await;

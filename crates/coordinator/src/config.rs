@@ -71,11 +71,12 @@ pub struct Config {
     /// one HTTP request per relay, for comparison. Default true.
     #[serde(default = "default_true")]
     pub relay_batching: bool,
-    /// A follower that refuses a candidate for a shorter log while it has
-    /// no live leader campaigns at once (`jobsched_raft::election`).
-    /// `false`: plain openraft election timing. Default true.
+    /// Elections run by our own timer with a pre-vote round
+    /// (`jobsched_raft::election`): a fresh random timeout every round, and
+    /// a node that could not win (cut off, shorter log) never raises the
+    /// term. `false`: openraft's own election timer. Default true.
     #[serde(default = "default_true")]
-    pub election_nudge: bool,
+    pub pre_vote: bool,
     /// Local IP that outgoing node-to-node connections (Raft RPCs, relays
     /// to the leader) are bound to; default: none (the OS picks). Chaos runs
     /// give each node its own loopback IP so firewall rules can cut one
@@ -111,7 +112,7 @@ impl Default for Config {
             max_batch: 256,
             max_body_bytes: 1 << 20,
             relay_batching: true,
-            election_nudge: true,
+            pre_vote: true,
             outbound_bind: None,
             log_format: "text".into(),
             log_filter: "info,openraft=warn".into(),
@@ -179,7 +180,7 @@ const ENV_KEYS: [&str; 20] = [
     "max_batch",
     "max_body_bytes",
     "relay_batching",
-    "election_nudge",
+    "pre_vote",
     "outbound_bind",
     "log_format",
     "log_filter",

@@ -32,9 +32,9 @@ pub struct Node {
     pub proposer: Proposer,
     /// One HTTP client per process: Raft RPCs and forwarding share its pool.
     pub http: reqwest::Client,
-    /// Lets this node campaign at once when it is the better candidate
-    /// (see `jobsched_raft::election`).
-    pub election_nudge: jobsched_raft::ElectionNudge,
+    /// Decides when this node campaigns (pre-vote; see
+    /// `jobsched_raft::election`); the Raft RPC handlers feed it.
+    pub elector: Arc<jobsched_raft::Elector>,
     /// Queues this node's relays to the leader into batches.
     pub relays: crate::http::relay_batch::RelayBatcher,
     pub clock: Clock,
@@ -296,7 +296,19 @@ pub async fn run_with_listener(
         config.snapshot_logs,
     )?);
     let network = jobsched_raft::Network::new(http.clone());
-    let raft = openraft::Raft::<TypeConfig>::new(config.node_id, raft_cfg, network, log_store, sm).await?;
+    let raft = openraft::Raft::<TypeConfig>::new(config.node_id, raft_cfg, network, log_store.clone(), sm).await?;
+    let elector = jobsched_raft::Elector::new(
+        config.node_id,
+        raft.clone(),
+        log_store,
+        http.clone(),
+        jobsched_raft::ElectionTiming::new(
+            Duration::from_millis(config.election_min_ms),
+            Duration::from_millis(config.election_max_ms),
+        ),
+        config.pre_vote,
+    );
+    tokio::spawn(elector.clone().run());
 
     // Every node initialises with the same membership; a node that already
     // has state reports "not allowed" which we treat as success.
@@ -328,10 +340,7 @@ pub async fn run_with_listener(
         applied,
         proposer,
         relays: crate::http::relay_batch::RelayBatcher::start(http.clone()),
-        election_nudge: jobsched_raft::ElectionNudge::new(
-            Duration::from_millis(config.election_max_ms),
-            config.election_nudge,
-        ),
+        elector,
         http,
         clock,
         stopping: stop_rx.clone(),

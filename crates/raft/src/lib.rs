@@ -11,6 +11,8 @@
 //! - the node-to-node network over HTTP + bincode ([`network`]), both the
 //!   client side and the decode/dispatch helpers the coordinator's HTTP server
 //!   calls;
+//! - the election timer with pre-vote ([`election`]) that replaces
+//!   openraft's own;
 //! - a calm default [`raft_config`].
 //!
 //! openraft's generics stay behind the aliases below so that callers (the
@@ -34,7 +36,7 @@ pub mod store;
 mod types;
 
 pub use config::{initialize_cluster, raft_config};
-pub use election::ElectionNudge;
+pub use election::{ElectionTiming, Elector, PATH_PREVOTE};
 pub use network::{handle_append, handle_snapshot, handle_vote, Network, NetworkConnection, WireError, WIRE_VERSION};
 pub use store::{open_stores, LogStore, OpenError, SmKv, SnapshotBuilder, StateMachineStore};
 pub use types::*;

@@ -11,6 +11,7 @@
 //! | append entries | `POST /raft/append`   | `AppendEntriesRequest`  | `Result<AppendEntriesResponse, RaftError>` |
 //! | vote           | `POST /raft/vote`     | `VoteRequest`           | `Result<VoteResponse, RaftError>` |
 //! | snapshot chunk | `POST /raft/snapshot` | `InstallSnapshotRequest`| `Result<InstallSnapshotResponse, RaftError<InstallSnapshotError>>` |
+//! | pre-vote       | `POST /raft/prevote`  | `PreVoteRequest`        | `PreVoteResponse` (see [`crate::election`]) |
 //!
 //! Client side ([`Network`], [`NetworkConnection`]): one shared
 //! `reqwest::Client` per process (connection pooling, passed in); each call is
@@ -26,7 +27,8 @@
 //! - the remote `Raft` returned an error -> `RemoteError`.
 //!
 //! Server side: the coordinator's HTTP routes pass the raw body to
-//! [`handle_append`], [`handle_vote`] or [`handle_snapshot`] and send back the
+//! [`handle_append`], [`handle_vote`], [`handle_snapshot`] or
+//! [`Elector::handle_prevote`] and send back the
 //! returned bytes with status 200; a [`WireError`] should become a 400. Note
 //! that an append body can be large (up to `max_payload_entries` batches), and
 //! snapshot chunks are up to `snapshot_max_chunk_size` (see
@@ -42,7 +44,6 @@ use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::election::ElectionNudge;
 use crate::types::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, Node, NodeId, Raft,
     TypeConfig, VoteRequest, VoteResponse,
@@ -87,25 +88,17 @@ pub fn decode_message<T: DeserializeOwned>(body: &[u8]) -> Result<T, WireError> 
 // ----- server side -------------------------------------------------------------
 
 /// Serve `POST /raft/append`: decode, hand to the local Raft, encode its result.
-pub async fn handle_append(raft: &Raft, nudge: &ElectionNudge, body: &[u8]) -> Result<Vec<u8>, WireError> {
+pub async fn handle_append(raft: &Raft, body: &[u8]) -> Result<Vec<u8>, WireError> {
     let req: AppendEntriesRequest = decode_message(body)?;
     let res: Result<AppendEntriesResponse, RaftError<NodeId>> = raft.append_entries(req).await;
-    if let Ok(resp) = &res {
-        nudge.append_answered(resp);
-    }
     encode_message(&res)
 }
 
 /// Serve `POST /raft/vote`.
-/// After answering, the [`ElectionNudge`] may start an election here.
-pub async fn handle_vote(raft: &Raft, nudge: &ElectionNudge, body: &[u8]) -> Result<Vec<u8>, WireError> {
+pub async fn handle_vote(raft: &Raft, body: &[u8]) -> Result<Vec<u8>, WireError> {
     let req: VoteRequest = decode_message(body)?;
-    let res: Result<VoteResponse, RaftError<NodeId>> = raft.vote(req.clone()).await;
-    let out = encode_message(&res);
-    if let Ok(resp) = &res {
-        nudge.vote_answered(raft, &req, resp).await;
-    }
-    out
+    let res: Result<VoteResponse, RaftError<NodeId>> = raft.vote(req).await;
+    encode_message(&res)
 }
 
 /// Serve `POST /raft/snapshot` (one chunk; the last one installs).

@@ -27,7 +27,7 @@ use axum::Router;
 use jobsched_core::{Batch, Command, JobSpec, Outcome};
 use jobsched_raft::{
     handle_append, handle_snapshot, handle_vote, initialize_cluster, open_stores, raft_config, BasicNode,
-    ElectionNudge, Network, Raft, SmKv, WireError,
+    ElectionTiming, Elector, Network, Raft, SmKv, WireError, PATH_PREVOTE,
 };
 use tempfile::TempDir;
 use uuid::Uuid;
@@ -46,18 +46,22 @@ fn wire(res: Result<Vec<u8>, WireError>) -> Response {
     }
 }
 
-type Peer = (Raft, Arc<ElectionNudge>);
+type Peer = (Raft, Arc<Elector>);
 
-async fn append(State((raft, nudge)): State<Peer>, body: Bytes) -> Response {
-    wire(handle_append(&raft, &nudge, &body).await)
+async fn append(State((raft, _)): State<Peer>, body: Bytes) -> Response {
+    wire(handle_append(&raft, &body).await)
 }
 
-async fn vote(State((raft, nudge)): State<Peer>, body: Bytes) -> Response {
-    wire(handle_vote(&raft, &nudge, &body).await)
+async fn vote(State((raft, _)): State<Peer>, body: Bytes) -> Response {
+    wire(handle_vote(&raft, &body).await)
 }
 
 async fn snapshot(State((raft, _)): State<Peer>, body: Bytes) -> Response {
     wire(handle_snapshot(&raft, &body).await)
+}
+
+async fn prevote(State((_, elector)): State<Peer>, body: Bytes) -> Response {
+    wire(elector.handle_prevote(&body).await)
 }
 
 async fn start_node(id: u64, addr: SocketAddr, client: reqwest::Client) -> TestNode {
@@ -68,13 +72,17 @@ async fn start_node(id: u64, addr: SocketAddr, client: reqwest::Client) -> TestN
     // Purge everything that is in a snapshot, so node 3 needs the snapshot.
     config.max_in_snapshot_log_to_keep = 0;
     config.purge_batch_size = 1;
-    let raft = Raft::new(id, Arc::new(config), Network::new(client), log, sm).await.unwrap();
+    let raft = Raft::new(id, Arc::new(config), Network::new(client.clone()), log.clone(), sm).await.unwrap();
+    let timing = ElectionTiming::new(Duration::from_millis(300), Duration::from_millis(600));
+    let elector = Elector::new(id, raft.clone(), log, client, timing, true);
+    tokio::spawn(elector.clone().run());
     let app = Router::new()
         .route("/raft/append", post(append))
         .route("/raft/vote", post(vote))
         .route("/raft/snapshot", post(snapshot))
+        .route(PATH_PREVOTE, post(prevote))
         .layer(DefaultBodyLimit::disable())
-        .with_state((raft.clone(), Arc::new(ElectionNudge::new(Duration::from_millis(600), true))));
+        .with_state((raft.clone(), elector));
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let server = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;

@@ -49,6 +49,7 @@ pub fn router(node: SharedNode) -> Router {
         .route("/raft/append", post(raft_rpc::append))
         .route("/raft/vote", post(raft_rpc::vote))
         .route("/raft/snapshot", post(raft_rpc::snapshot))
+        .route(jobsched_raft::PATH_PREVOTE, post(raft_rpc::prevote))
         .route(
             relay_batch::PATH_RELAY,
             post(move |body: axum::body::Bytes| relay_batch::serve(api_service.clone(), body)),

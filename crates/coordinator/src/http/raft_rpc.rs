@@ -19,13 +19,17 @@ fn reply(result: Result<Vec<u8>, jobsched_raft::WireError>) -> Response {
 }
 
 pub async fn append(State(node): State<SharedNode>, body: Bytes) -> Response {
-    reply(jobsched_raft::handle_append(&node.raft, &node.election_nudge, &body).await)
+    reply(jobsched_raft::handle_append(&node.raft, &body).await)
 }
 
 pub async fn vote(State(node): State<SharedNode>, body: Bytes) -> Response {
-    reply(jobsched_raft::handle_vote(&node.raft, &node.election_nudge, &body).await)
+    reply(jobsched_raft::handle_vote(&node.raft, &body).await)
 }
 
 pub async fn snapshot(State(node): State<SharedNode>, body: Bytes) -> Response {
     reply(jobsched_raft::handle_snapshot(&node.raft, &body).await)
+}
+
+pub async fn prevote(State(node): State<SharedNode>, body: Bytes) -> Response {
+    reply(node.elector.handle_prevote(&body).await)
 }

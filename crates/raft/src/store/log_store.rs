@@ -132,6 +132,13 @@ impl LogStore {
         }
     }
 
+    /// The id of the last entry in the log (or of the last purged one when
+    /// the log is empty): what this node would offer in an election.
+    pub(crate) fn last_log_id(&self) -> Result<Option<LogId>, StoreError> {
+        let last_purged: Option<LogId> = get_meta(&self.db, CF_RAFT_META, KEY_LAST_PURGED)?;
+        Ok(self.last_entry_id()?.or(last_purged))
+    }
+
     fn read_range(&self, start: u64, end: Option<u64>) -> Result<Vec<Entry>, StoreError> {
         let mut out = Vec::new();
         if end.is_some_and(|e| e <= start) {
@@ -203,8 +210,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let read = || -> Result<LogState<TypeConfig>, StoreError> {
             let last_purged: Option<LogId> = get_meta(&self.db, CF_RAFT_META, KEY_LAST_PURGED)?;
-            let last = self.last_entry_id()?.or(last_purged);
-            Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+            Ok(LogState { last_purged_log_id: last_purged, last_log_id: self.last_log_id()? })
         };
         read().map_err(|e| StorageIOError::read_logs(e.any()).into())
     }
