@@ -33,6 +33,18 @@ async fn submit_acked(c: &Cluster, nodes: &[u64], request_id: &str, deadline: In
     None
 }
 
+/// A split-IP cluster with the given propose timeout, one write acknowledged
+/// through its leader, then that leader cut off from its peers (clients
+/// still reach it). Returns the cluster and the cut-off leader.
+async fn cut_off_leader(propose_timeout_ms: u64) -> (Cluster, u64) {
+    let extra = vec![("propose_timeout_ms".into(), propose_timeout_ms.to_string())];
+    let mut c = Cluster::start(Opts { split_ips: true, extra, ..Opts::default() }).await;
+    let leader = c.leader(Duration::from_secs(20)).await;
+    c.submit(leader, "echo", json!({"requestId": "before"})).await;
+    c.partition(leader);
+    (c, leader)
+}
+
 /// Steps: 4 clients submit continuously through all nodes; kill -9 the
 /// leader mid-stream; clients keep going through the survivors; restart the
 /// killed node; then every acknowledged job is present on all three nodes
@@ -264,11 +276,7 @@ async fn frozen_leader_does_not_stall_relayed_writes() {
 /// is there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitioned_leader_never_acknowledges_and_answers_fast() {
-    let opts = Opts { split_ips: true, extra: vec![("propose_timeout_ms".into(), "30000".into())], ..Opts::default() };
-    let mut c = Cluster::start(opts).await;
-    let old = c.leader(Duration::from_secs(20)).await;
-    c.submit(old, "echo", json!({"requestId": "before"})).await;
-    c.partition(old);
+    let (mut c, old) = cut_off_leader(30_000).await;
 
     for attempt in ["cut-1", "cut-2"] {
         let t0 = Instant::now();
@@ -316,11 +324,7 @@ async fn partitioned_leader_never_acknowledges_and_answers_fast() {
 /// back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deposed_leader_elected_again_accepts_writes() {
-    let opts = Opts { split_ips: true, extra: vec![("propose_timeout_ms".into(), "3000".into())], ..Opts::default() };
-    let mut c = Cluster::start(opts).await;
-    let a = c.leader(Duration::from_secs(20)).await;
-    c.submit(a, "echo", json!({"requestId": "before"})).await;
-    c.partition(a);
+    let (c, a) = cut_off_leader(3_000).await;
     let cut_at = Instant::now();
 
     // Spaced so that each request finds a free slot and leaves as its own

@@ -11,12 +11,27 @@
 //! keeps the largest time it has seen, so a new leader with a slower clock
 //! cannot move time backwards.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use jobsched_core::{Batch, Command, Outcome};
 use jobsched_raft::Raft;
 use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::node::WriteError;
+
+/// Where the proposer's entries go: Raft's `client_write` in the node; the
+/// unit tests use writers that stall to check the slot accounting.
+pub trait EntryWriter: Clone + Send + Sync + 'static {
+    fn write(&self, batch: Batch) -> impl Future<Output = Result<Vec<Outcome>, WriteError>> + Send;
+}
+
+impl EntryWriter for Raft {
+    fn write(&self, batch: Batch) -> impl Future<Output = Result<Vec<Outcome>, WriteError>> + Send {
+        crate::node::client_write(self, batch)
+    }
+}
 
 /// Wall-clock source in milliseconds since the epoch; injectable for tests.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
@@ -52,9 +67,9 @@ pub struct Proposer {
 }
 
 impl Proposer {
-    pub fn start(raft: Raft, clock: Clock, max_batch: usize, timeout: Duration) -> Proposer {
+    pub fn start(writer: impl EntryWriter, clock: Clock, max_batch: usize, timeout: Duration) -> Proposer {
         let (tx, rx) = mpsc::channel(max_batch * MAX_IN_FLIGHT * 4);
-        tokio::spawn(run(raft, clock, rx, max_batch, timeout));
+        tokio::spawn(run(writer, clock, rx, max_batch, timeout));
         Proposer { tx, timeout }
     }
 
@@ -71,7 +86,13 @@ impl Proposer {
     }
 }
 
-async fn run(raft: Raft, clock: Clock, mut rx: mpsc::Receiver<Pending>, max_batch: usize, timeout: Duration) {
+async fn run<W: EntryWriter>(
+    writer: W,
+    clock: Clock,
+    mut rx: mpsc::Receiver<Pending>,
+    max_batch: usize,
+    timeout: Duration,
+) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     while let Some(first) = rx.recv().await {
         // Wait for a free slot *before* draining the queue: everything that
@@ -90,7 +111,7 @@ async fn run(raft: Raft, clock: Clock, mut rx: mpsc::Receiver<Pending>, max_batc
                 Err(_) => break,
             }
         }
-        let raft = raft.clone();
+        let writer = writer.clone();
         let now_ms = clock();
         tokio::spawn(async move {
             let _permit = permit;
@@ -110,7 +131,7 @@ async fn run(raft: Raft, clock: Clock, mut rx: mpsc::Receiver<Pending>, max_batc
             // it accepted no write at all (found by the partition soak: 60-90
             // s outages with a healthy Raft quorum). The outcome of a timed
             // out entry is unknown, as for the callers.
-            let written = tokio::time::timeout(timeout, crate::node::client_write(&raft, Batch { now_ms, commands }));
+            let written = tokio::time::timeout(timeout, writer.write(Batch { now_ms, commands }));
             let Ok(written) = written.await else {
                 tracing::warn!(commands = n, "proposal not answered within the propose timeout; slot released");
                 for (_, reply) in replies {
@@ -134,9 +155,7 @@ async fn run(raft: Raft, clock: Clock, mut rx: mpsc::Receiver<Pending>, max_batc
                 }
                 Err(e) => {
                     let err = match e {
-                        crate::node::WriteError::ForwardToLeader { leader_addr } => {
-                            ProposeError::NotLeader { leader: leader_addr }
-                        }
+                        WriteError::ForwardToLeader { leader_addr } => ProposeError::NotLeader { leader: leader_addr },
                         other => ProposeError::Fatal(other.to_string()),
                     };
                     for (_, reply) in replies {
@@ -149,5 +168,69 @@ async fn run(raft: Raft, clock: Clock, mut rx: mpsc::Receiver<Pending>, max_batc
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Never answers its first `stalled` entries (like openraft 0.9 with
+    /// the entries of a leader that was cut off and deposed), then answers
+    /// every command with `Outcome::Monitor { changed: 0 }`.
+    #[derive(Clone)]
+    struct StallingWriter {
+        calls: Arc<AtomicUsize>,
+        stalled: usize,
+    }
+
+    impl EntryWriter for StallingWriter {
+        fn write(&self, batch: Batch) -> impl Future<Output = Result<Vec<Outcome>, WriteError>> + Send {
+            let call = self.calls.fetch_add(1, Ordering::SeqCst);
+            let stall = call < self.stalled;
+            async move {
+                if stall {
+                    std::future::pending::<()>().await;
+                }
+                Ok(batch.commands.iter().map(|_| Outcome::Monitor { changed: 0 }).collect())
+            }
+        }
+    }
+
+    fn cmd() -> Vec<Command> {
+        vec![Command::CancelJob { job_id: uuid::Uuid::new_v4() }]
+    }
+
+    /// Regression (found by the partition soak): entries that are never
+    /// answered must not keep the in-flight slots. Steps: fill every slot
+    /// with an entry the writer never answers; those callers get `Timeout`;
+    /// a later proposal still reaches the writer and is answered. Before the
+    /// fix the later one waited for a slot forever (and timed out too).
+    #[tokio::test]
+    async fn unanswered_entries_release_their_slots() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let writer = StallingWriter { calls: calls.clone(), stalled: MAX_IN_FLIGHT };
+        let timeout = Duration::from_millis(300);
+        let proposer = Proposer::start(writer, Arc::new(|| 0), 256, timeout);
+        let mut stuck = Vec::new();
+        for _ in 0..MAX_IN_FLIGHT {
+            let p = proposer.clone();
+            stuck.push(tokio::spawn(async move { p.propose_all(cmd()).await }));
+            // One entry each: let the proposer take this one alone.
+            while calls.load(Ordering::SeqCst) < stuck.len() {
+                tokio::task::yield_now().await;
+            }
+        }
+        for s in stuck {
+            assert!(matches!(s.await.unwrap(), Err(ProposeError::Timeout)));
+        }
+        let later = proposer.propose_all(cmd()).await;
+        assert!(
+            matches!(later.as_deref(), Ok([Outcome::Monitor { changed: 0 }])),
+            "a later proposal was not written: {later:?}"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), MAX_IN_FLIGHT + 1);
     }
 }
