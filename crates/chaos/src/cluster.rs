@@ -27,9 +27,24 @@ pub async fn leader(http: &reqwest::Client, nodes: &[String]) -> Option<u64> {
 /// Every job in the cluster, in submission order, following `nextCursor`.
 /// Tries the nodes in turn so one dead node does not stop the read.
 pub async fn all_jobs(http: &reqwest::Client, nodes: &[String]) -> Result<Vec<JobView>> {
+    jobs_with_status(http, nodes, None).await
+}
+
+/// The jobs that are not finished (Pending, Running or Failed awaiting a
+/// retry), by the status index: cheap however many finished jobs the
+/// cluster retains (a soak leaves millions).
+pub async fn open_jobs(http: &reqwest::Client, nodes: &[String]) -> Result<Vec<JobView>> {
+    let mut open = Vec::new();
+    for status in ["Pending", "Running", "Failed"] {
+        open.extend(jobs_with_status(http, nodes, Some(status)).await?);
+    }
+    Ok(open)
+}
+
+async fn jobs_with_status(http: &reqwest::Client, nodes: &[String], status: Option<&str>) -> Result<Vec<JobView>> {
     let mut last_err = None;
     for n in nodes {
-        match all_jobs_from(http, n).await {
+        match jobs_from(http, n, status).await {
             Ok(j) => return Ok(j),
             Err(e) => last_err = Some(e),
         }
@@ -37,11 +52,14 @@ pub async fn all_jobs(http: &reqwest::Client, nodes: &[String]) -> Result<Vec<Jo
     Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no coordinators given")))
 }
 
-async fn all_jobs_from(http: &reqwest::Client, node: &str) -> Result<Vec<JobView>> {
+async fn jobs_from(http: &reqwest::Client, node: &str, status: Option<&str>) -> Result<Vec<JobView>> {
     let mut jobs = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
         let mut req = http.get(format!("{node}/api/jobs")).query(&[("limit", "1000")]);
+        if let Some(s) = status {
+            req = req.query(&[("status", s)]);
+        }
         if let Some(c) = &cursor {
             req = req.query(&[("cursor", c.as_str())]);
         }

@@ -717,20 +717,23 @@ async fn heartbeat_loop(ctx: Arc<Ctx>, w: usize, id: Uuid, held: Held, stop: Arc
     }
 }
 
-/// Polls until none of this run's jobs is Pending, Running or Failed, or
+/// Polls (by status, see `cluster::open_jobs`) until none of this run's jobs
+/// is Pending, Running or Failed, or
 /// their number has not fallen for `stall` (the workers' pace depends on the
 /// machine, so a fixed deadline would fail a healthy run with a large
 /// backlog). Returns (drained, how many were left).
 async fn drain(ctx: &Ctx, stall: Duration) -> (bool, usize) {
     let mut last_progress = Instant::now();
     let mut remaining = usize::MAX;
+    let mut zero_reads = 0;
     loop {
-        if let Ok(jobs) = cluster::all_jobs(&ctx.http, &ctx.nodes).await {
-            let open = jobs
-                .iter()
-                .filter(|j| j.name == ctx.job_name && matches!(j.status.as_str(), "Pending" | "Running" | "Failed"))
-                .count();
-            if open == 0 {
+        if let Ok(jobs) = cluster::open_jobs(&ctx.http, &ctx.nodes).await {
+            let open = jobs.iter().filter(|j| j.name == ctx.job_name).count();
+            // Two empty reads in a row: the three status lists are read one
+            // after another, so a job moving between them (a lease expiring
+            // sends Running back to Pending) can be missed by one read.
+            zero_reads = if open == 0 { zero_reads + 1 } else { 0 };
+            if zero_reads == 2 {
                 return (true, 0);
             }
             if open < remaining {
