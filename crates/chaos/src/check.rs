@@ -134,6 +134,8 @@ pub fn judge(events: &[Event], all: Vec<JobView>, digests: &[Option<DigestView>]
     let mut resumes: HashMap<usize, u64> = HashMap::new();
     // fault index -> when its command returned (restart / heal included)
     let mut fault_ends: HashMap<usize, u64> = HashMap::new();
+    // index -> (time every node had caught up, or the wait gave up; caught up)
+    let mut settled: HashMap<usize, (u64, bool)> = HashMap::new();
     let mut fault_failed: Vec<String> = Vec::new();
     let mut drain: Option<(bool, usize)> = None;
     for e in events {
@@ -176,6 +178,9 @@ pub fn judge(events: &[Event], all: Vec<JobView>, digests: &[Option<DigestView>]
                 resumes.insert(*index, *t_ms);
             }
             Event::DrainEnd { drained, remaining, .. } => drain = Some((*drained, *remaining)),
+            Event::Settled { index, t_ms, caught_up } => {
+                settled.insert(*index, (*t_ms, *caught_up));
+            }
             _ => {}
         }
     }
@@ -409,6 +414,9 @@ pub fn judge(events: &[Event], all: Vec<JobView>, digests: &[Option<DigestView>]
     // just the election.
     ok_returns.sort_unstable();
     let mut by_kind: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    // Catch-up after each fault (ms from its end until every node had
+    // applied what the leader had then), and how many never caught up.
+    let mut catch_up: BTreeMap<&str, (Vec<u64>, usize)> = BTreeMap::new();
     let mut fault_lines = Vec::new();
     for (k, FaultRec { index, t_ms: f, kind, leader, target, cmd }) in faults.iter().enumerate() {
         let next = faults.get(k + 1).map(|x| x.t_ms).unwrap_or(u64::MAX);
@@ -417,6 +425,14 @@ pub fn judge(events: &[Event], all: Vec<JobView>, digests: &[Option<DigestView>]
         let gap =
             ok_returns.windows(2).filter(|w| w[1] > *f && w[0] < window_end).map(|w| w[1] - w[0]).max().unwrap_or(0);
         by_kind.entry(*kind).or_default().push(gap);
+        if let Some(&(at, caught_up)) = settled.get(index) {
+            let entry = catch_up.entry(*kind).or_default();
+            if caught_up {
+                entry.0.push(at.saturating_sub(end));
+            } else {
+                entry.1 += 1;
+            }
+        }
         let hit_leader = target.is_some() && target == leader;
         if hit_leader {
             v.failover_gaps.push(gap);
@@ -453,6 +469,14 @@ pub fn judge(events: &[Event], all: Vec<JobView>, digests: &[Option<DigestView>]
     for (kind, gaps) in &by_kind {
         let (m, x) = median_max(gaps);
         r.push(format!("unavailability [{kind}]: median {m} ms, max {x} ms over {} faults", gaps.len()));
+    }
+    for (kind, (times, behind)) in &catch_up {
+        let (m, x) = median_max(times);
+        let behind = if *behind > 0 { format!("; {behind} never caught up") } else { String::new() };
+        r.push(format!(
+            "catch-up after [{kind}] (until every node applied the leader's log): median {m} ms, max {x} ms over {} faults{behind}",
+            times.len()
+        ));
     }
     let (m, x) = median_max(&v.failover_gaps);
     let met = m < TARGET_MEDIAN_MS && x < TARGET_MAX_MS;

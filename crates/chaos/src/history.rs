@@ -123,6 +123,14 @@ pub enum Event {
         t_ms: u64,
         exit_code: Option<i32>,
     },
+    /// After fault `index` ended, every node had applied everything the
+    /// leader had logged when the fault ended (`caught_up` false: the wait
+    /// gave up). The next fault waits for this.
+    Settled {
+        index: usize,
+        t_ms: u64,
+        caught_up: bool,
+    },
     /// Submitters were told to stop.
     SubmitStop {
         t_ms: u64,

@@ -48,9 +48,18 @@ pub struct RunArgs {
     /// `@worker-pause SECONDS`. Repeat the flag to rotate through several.
     #[arg(long = "fault-cmd")]
     pub fault_cmds: Vec<String>,
-    /// Seconds between fault starts (counted from the previous fault's end).
+    /// Seconds between fault starts (counted from the previous fault's end,
+    /// once the cluster has settled, see --settle-timeout).
     #[arg(long, default_value_t = 15.0)]
     pub fault_every: f64,
+    /// After each fault, wait up to this many seconds until every node has
+    /// applied what the leader had logged when the fault ended (a node back
+    /// from a long partition may need a snapshot first) before the next
+    /// fault may start; 0: do not wait. Each fault then tests a cluster that
+    /// had recovered from the previous one, and the catch-up time is
+    /// reported per fault kind.
+    #[arg(long, default_value_t = 300.0)]
+    pub settle_timeout: f64,
     /// After submitting stops, the drain waits for all jobs to finish; it
     /// gives up when the number of open jobs has not fallen for this many
     /// seconds (a stall), however long the backlog takes to work off.
@@ -222,7 +231,7 @@ pub async fn run(a: RunArgs) -> Result<()> {
     let submitters: Vec<_> =
         (0..a.submitters).map(|i| tokio::spawn(submitter(ctx.clone(), i, submit_stop.clone()))).collect();
     let faults = (!specs.is_empty() && a.fault_every > 0.0)
-        .then(|| tokio::spawn(fault_loop(ctx.clone(), specs, a.fault_every, submit_stop.clone())));
+        .then(|| tokio::spawn(fault_loop(ctx.clone(), specs, a.fault_every, a.settle_timeout, submit_stop.clone())));
 
     tokio::time::sleep(Duration::from_secs_f64(a.duration)).await;
     if faults.is_some() {
@@ -807,7 +816,7 @@ impl Rng {
 /// node ids are taken to be 1..=N in the order of --coordinators) in the next
 /// fault (round robin) and run it, waiting for it to finish before the next
 /// period starts counting, so faults never overlap.
-async fn fault_loop(ctx: Arc<Ctx>, specs: Vec<FaultSpec>, every: f64, stop: Arc<AtomicBool>) {
+async fn fault_loop(ctx: Arc<Ctx>, specs: Vec<FaultSpec>, every: f64, settle: f64, stop: Arc<AtomicBool>) {
     let mut rng = Rng(u64::from_le_bytes(Uuid::new_v4().as_bytes()[..8].try_into().unwrap_or([7; 8])) | 1);
     let n = ctx.nodes.len() as u64;
     let mut index = 0usize;
@@ -871,9 +880,52 @@ async fn fault_loop(ctx: Arc<Ctx>, specs: Vec<FaultSpec>, every: f64, stop: Arc<
             FaultAction::Worker(kind, frozen) => worker_fault(&ctx, &mut rng, index, *kind, *frozen).await,
         };
         ctx.rec.record(Event::FaultEnd { index, t_ms: ctx.ms(), exit_code });
+        if settle > 0.0 {
+            let started = Instant::now();
+            let caught_up = wait_settled(&ctx, Duration::from_secs_f64(settle), &stop).await;
+            ctx.rec.record(Event::Settled { index, t_ms: ctx.ms(), caught_up });
+            println!(
+                "t={:.1}s fault {index}: {} after {:.1} s",
+                ctx.t0.elapsed().as_secs_f64(),
+                if caught_up { "every node caught up" } else { "nodes still behind, gave up waiting" },
+                started.elapsed().as_secs_f64()
+            );
+        }
         add(&ctx.stats.faults_done);
         index += 1;
     }
+}
+
+/// Waits until one leader is agreed by every node and every node has applied
+/// at least the leader's last log index as first seen here; false when
+/// `limit` passes (or the run stops) first.
+async fn wait_settled(ctx: &Ctx, limit: Duration, stop: &AtomicBool) -> bool {
+    let end = Instant::now() + limit;
+    let mut target: Option<u64> = None;
+    while Instant::now() < end && !stop.load(Ordering::Relaxed) {
+        let mut views = Vec::new();
+        for n in &ctx.nodes {
+            let r = ctx.http.get(format!("{n}/api/cluster")).timeout(Duration::from_secs(1)).send().await;
+            match r {
+                Ok(r) => views.push(r.json::<jobsched_api::ClusterView>().await.ok()),
+                Err(_) => views.push(None),
+            }
+        }
+        let leader = views.iter().flatten().filter(|v| v.role == "Leader").max_by_key(|v| v.term);
+        if target.is_none() {
+            target = leader.and_then(|l| l.last_log_index);
+        }
+        if let (Some(t), Some(l)) = (target, leader) {
+            let all_follow = views.iter().all(|v| v.as_ref().is_some_and(|v| v.leader_id == Some(l.node_id)));
+            let all_applied =
+                views.iter().all(|v| v.as_ref().and_then(|v| v.last_applied_index).is_some_and(|a| a >= t));
+            if all_follow && all_applied {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
 }
 
 /// Process group of the fault command running now (0: none); see

@@ -252,7 +252,12 @@ impl Elector {
             // election is under way (ours or one we voted in): retry soon.
             let due_after =
                 if seen.committed { self.timing.campaign_after(jitter) } else { self.timing.retry_after(jitter) };
-            let urgent = self.urgent.swap(false, Ordering::Relaxed) && seen.lease_over(self.timing.lease);
+            // Urgent (a voter with a longer log, see `handle_prevote`) holds
+            // until this node campaigns or a leader shows up.
+            if seen.leader || !seen.lease_over(self.timing.lease) {
+                self.urgent.store(false, Ordering::Relaxed);
+            }
+            let urgent = self.urgent.load(Ordering::Relaxed);
             let now = Instant::now();
             let wait = if seen.leader || !seen.voter {
                 self.timing.lease
@@ -268,6 +273,7 @@ impl Elector {
                 }
                 continue;
             }
+            self.urgent.store(false, Ordering::Relaxed);
             self.campaign(silent).await;
             jitter = random();
             not_before = Instant::now() + self.timing.retry_after(jitter);
