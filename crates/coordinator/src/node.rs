@@ -32,8 +32,8 @@ pub struct Node {
     pub proposer: Proposer,
     /// One HTTP client per process: Raft RPCs and forwarding share its pool.
     pub http: reqwest::Client,
-    /// Decides when this node campaigns (pre-vote; see
-    /// `jobsched_raft::election`); the Raft RPC handlers feed it.
+    /// Decides when this node campaigns and answers pre-votes (see
+    /// `jobsched_raft::election`).
     pub elector: Arc<jobsched_raft::Elector>,
     /// Queues this node's relays to the leader into batches.
     pub relays: crate::http::relay_batch::RelayBatcher,

@@ -28,7 +28,7 @@
 //!
 //! Server side: the coordinator's HTTP routes pass the raw body to
 //! [`handle_append`], [`handle_vote`], [`handle_snapshot`] or
-//! [`Elector::handle_prevote`] and send back the
+//! [`crate::election::Elector::handle_prevote`] and send back the
 //! returned bytes with status 200; a [`WireError`] should become a 400. Note
 //! that an append body can be large (up to `max_payload_entries` batches), and
 //! snapshot chunks are up to `snapshot_max_chunk_size` (see

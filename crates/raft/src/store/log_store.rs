@@ -210,7 +210,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let read = || -> Result<LogState<TypeConfig>, StoreError> {
             let last_purged: Option<LogId> = get_meta(&self.db, CF_RAFT_META, KEY_LAST_PURGED)?;
-            Ok(LogState { last_purged_log_id: last_purged, last_log_id: self.last_log_id()? })
+            Ok(LogState { last_purged_log_id: last_purged, last_log_id: self.last_entry_id()?.or(last_purged) })
         };
         read().map_err(|e| StorageIOError::read_logs(e.any()).into())
     }
