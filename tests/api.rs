@@ -437,6 +437,14 @@ async fn cli_submit_batch_from_json_lines() {
     let (_, page) = c.get(c.running()[1], "/api/jobs?status=Pending&limit=1000").await;
     assert_eq!(page["jobs"].as_array().unwrap().len(), 1000);
     assert!(page["nextCursor"].is_string());
+    // `seq` is the submission order and a cursor: listing after job 1000's
+    // seq starts at job 1001.
+    let seqs: Vec<u64> = jobs.iter().map(|j| j["seq"].as_u64().expect("seq")).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "seq increases in input order");
+    let (st, after) = c.get(c.running()[1], &format!("/api/jobs?cursor={}&limit=10", seqs[999])).await;
+    assert_eq!(st, 200, "{after}");
+    assert_eq!(after["jobs"][0]["id"], jobs[1000]["id"]);
+    assert_eq!(after["jobs"][0]["seq"], seqs[1000]);
     let again = tokio::task::block_in_place(run);
     assert_eq!(again["created"], 0);
 }

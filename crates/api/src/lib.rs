@@ -62,6 +62,9 @@ pub struct CreateJobRequest {
 #[serde(rename_all = "camelCase")]
 pub struct JobView {
     pub id: Uuid,
+    /// Position in submission order (unique, increasing). Passing it as the
+    /// `cursor` of `GET /api/jobs` lists the jobs submitted after this one.
+    pub seq: u64,
     pub name: String,
     #[serde(rename = "type")]
     pub job_type: String,
@@ -104,6 +107,7 @@ impl From<&Job> for JobView {
     fn from(j: &Job) -> Self {
         JobView {
             id: j.id,
+            seq: j.seq,
             name: j.spec.name.clone(),
             job_type: j.spec.job_type.clone(),
             payload: json_text(&j.spec.payload),

@@ -57,7 +57,11 @@ impl Verdict {
 pub async fn check(nodes: &[String], path: &Path, digest_wait: f64) -> Result<bool> {
     let events = history::read(path)?;
     let http = reqwest::Client::builder().build()?;
-    let all = cluster::all_jobs(&http, nodes).await?;
+    let after_seq = match events.first() {
+        Some(Event::Start { after_seq, .. }) => *after_seq,
+        _ => None,
+    };
+    let all = cluster::jobs_after(&http, nodes, after_seq).await?;
     let digests = settled_digests(&http, nodes, Duration::from_secs_f64(digest_wait)).await;
     let v = judge(&events, all, &digests)?;
     for line in &v.report {
@@ -505,7 +509,14 @@ mod tests {
     const RUN: &str = "r1";
 
     fn start() -> Event {
-        Event::Start { run_id: RUN.into(), wall_start: String::new(), coordinators: vec![], submitters: 1, workers: 1 }
+        Event::Start {
+            run_id: RUN.into(),
+            wall_start: String::new(),
+            coordinators: vec![],
+            submitters: 1,
+            workers: 1,
+            after_seq: None,
+        }
     }
 
     fn submit(rid: &str, job: Option<Uuid>, outcome: Outcome, t: u64) -> Event {
@@ -545,6 +556,7 @@ mod tests {
         let now = Utc::now();
         JobView {
             id,
+            seq: 0,
             name: format!("chaos-{RUN}"),
             job_type: "chaos".into(),
             payload: serde_json::Value::Null,

@@ -1,5 +1,6 @@
-//! Read-only views of the cluster through the public API: who leads, the
-//! full job list (paginated), and the per-node state digests. Shared by the
+//! Views of the cluster through the public API: who leads, the job list
+//! (paginated, optionally from a run's start marker), and the per-node state
+//! digests; plus the one write outside the workload, the start marker. Shared by the
 //! fault loop and the drain in `run` and by `check`.
 
 use std::time::Duration;
@@ -24,10 +25,53 @@ pub async fn leader(http: &reqwest::Client, nodes: &[String]) -> Option<u64> {
     best.map(|(_, id)| id)
 }
 
-/// Every job in the cluster, in submission order, following `nextCursor`.
-/// Tries the nodes in turn so one dead node does not stop the read.
-pub async fn all_jobs(http: &reqwest::Client, nodes: &[String]) -> Result<Vec<JobView>> {
-    jobs_with_status(http, nodes, None).await
+/// Every job submitted after the job with seq `after` (all jobs for
+/// `None`), in submission order, following `nextCursor`. Tries the nodes in
+/// turn so one dead node does not stop the read.
+pub async fn jobs_after(http: &reqwest::Client, nodes: &[String], after: Option<u64>) -> Result<Vec<JobView>> {
+    let mut last_err = None;
+    for n in nodes {
+        match jobs_from(http, n, None, after.map(|s| s.to_string())).await {
+            Ok(j) => return Ok(j),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no coordinators given")))
+}
+
+/// Submits a marker job and cancels it again; returns its `seq`. Every job
+/// submitted after this returns gets a greater seq (seqs are assigned in log
+/// order when the entry is applied, and the marker was applied before the
+/// submit was acknowledged), so the checker can list a run's jobs from here
+/// instead of paging through the millions that earlier runs left. `None`
+/// when no node took the marker within `wait` (the checker then lists all).
+pub async fn mark_start(http: &reqwest::Client, nodes: &[String], name: &str, wait: Duration) -> Option<u64> {
+    let body = serde_json::json!({
+        "name": name, "type": "chaos-marker", "maxRetries": 0,
+        "requestId": format!("{name}-{}", uuid::Uuid::new_v4()),
+    });
+    let end = std::time::Instant::now() + wait;
+    while std::time::Instant::now() < end {
+        for n in nodes {
+            let Ok(r) = http.post(format!("{n}/api/jobs")).json(&body).timeout(Duration::from_secs(5)).send().await
+            else {
+                continue;
+            };
+            let Ok(job) = r.error_for_status().map(|r| r.json::<JobView>()) else { continue };
+            let Ok(job) = job.await else { continue };
+            // Nobody acquires its type; cancelled so no Pending job is left
+            // behind. Best effort: a leftover marker is harmless.
+            for m in nodes {
+                let url = format!("{m}/api/jobs/{}/cancel", job.id);
+                if http.post(url).timeout(Duration::from_secs(5)).send().await.is_ok_and(|r| r.status().is_success()) {
+                    break;
+                }
+            }
+            return Some(job.seq);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    None
 }
 
 /// The jobs that are not finished (Pending, Running or Failed awaiting a
@@ -44,7 +88,7 @@ pub async fn open_jobs(http: &reqwest::Client, nodes: &[String]) -> Result<Vec<J
 async fn jobs_with_status(http: &reqwest::Client, nodes: &[String], status: Option<&str>) -> Result<Vec<JobView>> {
     let mut last_err = None;
     for n in nodes {
-        match jobs_from(http, n, status).await {
+        match jobs_from(http, n, status, None).await {
             Ok(j) => return Ok(j),
             Err(e) => last_err = Some(e),
         }
@@ -52,9 +96,13 @@ async fn jobs_with_status(http: &reqwest::Client, nodes: &[String], status: Opti
     Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no coordinators given")))
 }
 
-async fn jobs_from(http: &reqwest::Client, node: &str, status: Option<&str>) -> Result<Vec<JobView>> {
+async fn jobs_from(
+    http: &reqwest::Client,
+    node: &str,
+    status: Option<&str>,
+    mut cursor: Option<String>,
+) -> Result<Vec<JobView>> {
     let mut jobs = Vec::new();
-    let mut cursor: Option<String> = None;
     loop {
         let mut req = http.get(format!("{node}/api/jobs")).query(&[("limit", "1000")]);
         if let Some(s) = status {

@@ -42,6 +42,10 @@ pub enum Event {
         coordinators: Vec<String>,
         submitters: usize,
         workers: usize,
+        /// Seq of the start marker: every job of this run has a greater one
+        /// (`cluster::mark_start`). Absent: the checker lists every job.
+        #[serde(default)]
+        after_seq: Option<u64>,
     },
     /// One logical submit, including all retries with the same request id.
     Submit {

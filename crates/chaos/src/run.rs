@@ -206,12 +206,15 @@ pub async fn run(a: RunArgs) -> Result<()> {
         slots: (0..a.workers).map(|_| Mutex::new(None)).collect(),
         suspects: Mutex::new(vec![None; a.coordinators.len()]),
     });
+    let after_seq =
+        cluster::mark_start(&ctx.http, &ctx.nodes, &format!("{}-start", ctx.job_name), Duration::from_secs(30)).await;
     ctx.rec.record(Event::Start {
         run_id: run_id.clone(),
         wall_start: chrono::Utc::now().to_rfc3339(),
         coordinators: a.coordinators.clone(),
         submitters: a.submitters,
         workers: a.workers,
+        after_seq,
     });
     println!(
         "run {run_id}: {} submitters, {} workers, {:.0} s, history {}",

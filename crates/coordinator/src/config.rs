@@ -51,6 +51,15 @@ pub struct Config {
     pub election_max_ms: u64,
     /// Build a snapshot (and purge older log) after this many entries. Default 20000.
     pub snapshot_logs: u64,
+    /// Entries kept in the log behind the latest snapshot, so that a follower
+    /// that was away (restarted, partitioned) catches up from the log instead
+    /// of installing a whole snapshot. Default 50000 (like etcd's
+    /// `--snapshot-catchup-entries`). Why this large: a snapshot install
+    /// copies the whole state (seconds with millions of jobs) and the node
+    /// cannot acknowledge appends meanwhile, whereas log entries are appended
+    /// (fsynced, so they count towards the quorum) while apply catches up.
+    /// Costs disk only: the log lives in RocksDB, not in memory.
+    pub snapshot_catchup_logs: u64,
     /// A worker without a heartbeat for this long is declared dead and its
     /// jobs are re-queued, milliseconds. Default 30000.
     pub worker_timeout_ms: u64,
@@ -105,6 +114,7 @@ impl Default for Config {
             election_min_ms: 250,
             election_max_ms: 400,
             snapshot_logs: 20_000,
+            snapshot_catchup_logs: 50_000,
             worker_timeout_ms: 30_000,
             monitor_interval_ms: 1_000,
             retention_secs: 7 * 24 * 3600,
@@ -163,7 +173,7 @@ pub enum Subcommand {
 }
 
 /// Config keys that may be set as `JOBSCHED_<KEY>` environment variables.
-const ENV_KEYS: [&str; 20] = [
+const ENV_KEYS: [&str; 21] = [
     "node_id",
     "listen",
     "advertise",
@@ -173,6 +183,7 @@ const ENV_KEYS: [&str; 20] = [
     "election_min_ms",
     "election_max_ms",
     "snapshot_logs",
+    "snapshot_catchup_logs",
     "worker_timeout_ms",
     "monitor_interval_ms",
     "retention_secs",

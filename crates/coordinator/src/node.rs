@@ -294,6 +294,7 @@ pub async fn run_with_listener(
         config.election_min_ms,
         config.election_max_ms,
         config.snapshot_logs,
+        config.snapshot_catchup_logs,
     )?);
     let network = jobsched_raft::Network::new(http.clone());
     let raft = openraft::Raft::<TypeConfig>::new(config.node_id, raft_cfg, network, log_store.clone(), sm).await?;

@@ -20,9 +20,6 @@ const INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 60_000;
 /// Snapshot chunk size on the wire (and the minimum body limit of
 /// `/raft/snapshot`).
 const SNAPSHOT_CHUNK_BYTES: u64 = 2 << 20;
-/// Entries kept in the log after they are in a snapshot, so that a briefly
-/// lagging follower catches up from the log rather than a snapshot.
-const LOGS_KEPT_AFTER_SNAPSHOT: u64 = 1000;
 /// Entries per append-entries RPC.
 const MAX_PAYLOAD_ENTRIES: u64 = 256;
 
@@ -33,14 +30,18 @@ const MAX_PAYLOAD_ENTRIES: u64 = 256;
 /// - `election_min_ms` / `election_max_ms`: randomized election timeout range
 ///   (suggested 500 / 1000); `min` must exceed the heartbeat;
 /// - `snapshot_logs`: build a snapshot every this many applied entries
-///   (0 = never build one automatically).
-///
-/// Purging keeps ~1000 entries behind the snapshot.
+///   (0 = never build one automatically);
+/// - `catchup_logs`: entries kept in the log behind the snapshot, so that a
+///   follower that fell at most this far behind catches up from the log
+///   (appended and acknowledged at once, applied in the background) rather
+///   than by installing a whole snapshot (during which it acknowledges
+///   nothing, so the cluster survives no second fault).
 pub fn raft_config(
     heartbeat_ms: u64,
     election_min_ms: u64,
     election_max_ms: u64,
     snapshot_logs: u64,
+    catchup_logs: u64,
 ) -> Result<Config, ConfigError> {
     let snapshot_policy =
         if snapshot_logs == 0 { SnapshotPolicy::Never } else { SnapshotPolicy::LogsSinceLast(snapshot_logs) };
@@ -53,7 +54,7 @@ pub fn raft_config(
         snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
         max_payload_entries: MAX_PAYLOAD_ENTRIES,
         snapshot_policy,
-        max_in_snapshot_log_to_keep: LOGS_KEPT_AFTER_SNAPSHOT,
+        max_in_snapshot_log_to_keep: catchup_logs,
         // A follower further behind than this gets a snapshot; keep it above
         // the snapshot interval so a snapshot actually helps.
         replication_lag_threshold: snapshot_logs.saturating_mul(2).max(5000),
@@ -86,12 +87,12 @@ mod tests {
 
     #[test]
     fn calm_defaults_validate() {
-        let c = raft_config(100, 500, 1000, 10_000).unwrap();
+        let c = raft_config(100, 500, 1000, 10_000, 50_000).unwrap();
         assert_eq!(c.heartbeat_interval, 100);
         assert_eq!(c.snapshot_policy, SnapshotPolicy::LogsSinceLast(10_000));
-        assert_eq!(c.max_in_snapshot_log_to_keep, 1000);
-        assert!(raft_config(100, 100, 1000, 1).is_err()); // election <= heartbeat
-        assert!(raft_config(100, 900, 500, 1).is_err()); // min >= max
-        assert_eq!(raft_config(100, 500, 1000, 0).unwrap().snapshot_policy, SnapshotPolicy::Never);
+        assert_eq!(c.max_in_snapshot_log_to_keep, 50_000);
+        assert!(raft_config(100, 100, 1000, 1, 0).is_err()); // election <= heartbeat
+        assert!(raft_config(100, 900, 500, 1, 0).is_err()); // min >= max
+        assert_eq!(raft_config(100, 500, 1000, 0, 0).unwrap().snapshot_policy, SnapshotPolicy::Never);
     }
 }

@@ -68,9 +68,8 @@ async fn start_node(id: u64, addr: SocketAddr, client: reqwest::Client) -> TestN
     let dir = TempDir::new().unwrap();
     let (log, sm) = open_stores(dir.path()).unwrap();
     let kv = sm.kv();
-    let mut config = raft_config(50, 300, 600, 20).unwrap();
-    // Purge everything that is in a snapshot, so node 3 needs the snapshot.
-    config.max_in_snapshot_log_to_keep = 0;
+    // Keep no log behind a snapshot, so node 3 needs the snapshot.
+    let mut config = raft_config(50, 300, 600, 20, 0).unwrap();
     config.purge_batch_size = 1;
     let raft = Raft::new(id, Arc::new(config), Network::new(client.clone()), log.clone(), sm).await.unwrap();
     let timing = ElectionTiming::new(Duration::from_millis(300), Duration::from_millis(600));
