@@ -200,6 +200,30 @@ start_etcd() { # start_etcd DIR
 
 stop_etcd() { stop_members "$1" e; }
 
+# Index (0-based, into the URL lists) of the current leader, for the
+# single-connection points by placement: which node a lone client talks to
+# decides whether its write takes a relay hop (ours) or a proposal forward
+# (etcd), so the spread figure depends on where each leader happened to be.
+our_leader_index() {
+  local n
+  for n in "${NODES[@]}"; do
+    curl -s -m 2 "http://127.0.0.1:$(our_port "$n")/api/cluster" |
+      python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["leaderId"] - 1)' 2>/dev/null && return
+  done
+  echo 0
+}
+etcd_leader_index() {
+  local n
+  for n in "${NODES[@]}"; do
+    if curl -s -m 2 -X POST -d '{}' "http://127.0.0.1:$(etcd_client_port "$n")/v3/maintenance/status" |
+      python3 -c 'import json,sys; d=json.load(sys.stdin); sys.exit(d["header"]["member_id"] != d["leader"])' 2>/dev/null; then
+      echo $((n - 1))
+      return
+    fi
+  done
+  echo 0
+}
+
 # ----- running the tool ----------------------------------------------------------
 
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
@@ -250,6 +274,9 @@ compare() {
   for c in $CONCURRENCY; do
     bench "ours-submit-c$c" --coordinators "$urls" submit -c "$c" -d "$DURATION"
   done
+  local li; li=$(our_leader_index)
+  bench "ours-submit-c1-leader" --coordinators "$urls" submit -c 1 -d "$DURATION" --node "$li"
+  bench "ours-submit-c1-follower" --coordinators "$urls" submit -c 1 -d "$DURATION" --node $(((li + 1) % 3))
   bench "ours-e2e-c64" --coordinators "$urls" e2e -c 64 --workers 8 --slots 8 -d "$DURATION"
   bench "ours-pickup" --coordinators "$urls" pickup -n 200
   bench "ours-batch-c16" --coordinators "$urls" submit -c 16 --batch 100 -d "$DURATION"
@@ -262,6 +289,9 @@ compare() {
   for c in $CONCURRENCY; do
     bench "etcd-put-c$c" etcd-put --endpoints "$eurls" -c "$c" -d "$DURATION"
   done
+  li=$(etcd_leader_index)
+  bench "etcd-put-c1-leader" etcd-put --endpoints "$eurls" -c 1 -d "$DURATION" --node "$li"
+  bench "etcd-put-c1-follower" etcd-put --endpoints "$eurls" -c 1 -d "$DURATION" --node $(((li + 1) % 3))
   stop_etcd "$BENCH_DIR/etcd"
   echo "{\"loadAfter\":\"$(loadavg)\"}" >>"$BENCH_DIR/compare-load.json"
 
@@ -370,6 +400,18 @@ def compare_block():
                    f"| {f2(o.get('p50Ms'))} | {f2(e.get('p50Ms'))} | {f2(o.get('p99Ms'))} | {f2(e.get('p99Ms'))} "
                    f"| {f2(o.get('maxMs'))} | {f2(e.get('maxMs'))} | {o.get('errors', '-')}/{e.get('errors', '-')} |")
     out.append("")
+    placed = [(w, t.get(f"ours-submit-c1-{w}", {}), t.get(f"etcd-put-c1-{w}", {})) for w in ("leader", "follower")]
+    if any(o or e for _, o, e in placed):
+        out.append("Single connection by placement: the lone client talks to the leader, or to a follower "
+                   "(ours relays the write to the leader over HTTP; etcd forwards the proposal over its peer "
+                   "stream). The spread row above uses whichever node was first in the list.")
+        out.append("")
+        out.append("| client talks to | jobsched submits/s | etcd puts/s | jobsched p50 / p99 ms | etcd p50 / p99 ms |")
+        out.append("|---|---:|---:|---|---|")
+        for w, o, e in placed:
+            out.append(f"| {w} | {f0(o.get('perSecond'))} | {f0(e.get('perSecond'))} "
+                       f"| {f2(o.get('p50Ms'))} / {f2(o.get('p99Ms'))} | {f2(e.get('p50Ms'))} / {f2(e.get('p99Ms'))} |")
+        out.append("")
     e2e, pk, b = t.get("ours-e2e-c64", {}), t.get("ours-pickup", {}), t.get("ours-batch-c16", {})
     e64 = t.get("etcd-put-c64", {})
     out.append("| jobsched, other modes | figure |")

@@ -98,6 +98,10 @@ enum Mode {
         /// Size of each value in bytes (before base64).
         #[arg(long, default_value_t = 64)]
         value_bytes: usize,
+        /// Send every request to this member only (index into --endpoints);
+        /// default: spread clients over all members.
+        #[arg(long)]
+        node: Option<usize>,
     },
     /// End to end: submitters plus HTTP workers; completed jobs per second.
     E2e {
@@ -186,8 +190,8 @@ async fn main() -> Result<()> {
         Mode::Submit { load, node, batch } => {
             modes::submit(&http, nodes, load.concurrency, load.duration, load.total, *node, *batch).await?
         }
-        Mode::EtcdPut { endpoints, load, value_bytes } => {
-            modes::etcd_put(&http, endpoints, load.concurrency, load.duration, load.total, *value_bytes).await?
+        Mode::EtcdPut { endpoints, load, value_bytes, node } => {
+            modes::etcd_put(&http, endpoints, load.concurrency, load.duration, load.total, *value_bytes, *node).await?
         }
         Mode::E2e { submitters, workers, slots, duration, single_complete } => {
             modes::e2e(&http, nodes, *submitters, *workers, *slots, *duration, !*single_complete).await?

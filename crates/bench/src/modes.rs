@@ -148,9 +148,14 @@ pub async fn etcd_put(
     duration: f64,
     total: u64,
     value_bytes: usize,
+    node: Option<usize>,
 ) -> Result<Value> {
-    let urls: Arc<Vec<String>> =
-        Arc::new((0..concurrency).map(|c| format!("{}/v3/kv/put", endpoints[c % endpoints.len()])).collect());
+    if let Some(i) = node {
+        endpoints.get(i).context("--node out of range")?;
+    }
+    let urls: Arc<Vec<String>> = Arc::new(
+        (0..concurrency).map(|c| format!("{}/v3/kv/put", endpoints[node.unwrap_or(c % endpoints.len())])).collect(),
+    );
     let value = Arc::new(base64(&vec![b'v'; value_bytes]));
     let spec = LoopSpec { label: "etcd put".into(), concurrency, duration, total, warmup: WARMUP_SECS };
     let http = http.clone();
