@@ -271,12 +271,15 @@ compare() {
   local urls; urls=$(our_urls)
   # Warm the cluster (leader, connections, RocksDB) without measuring.
   "$BIN/jobsched-bench" --coordinators "$urls" submit -c 16 -d 2 >/dev/null 2>&1 || true
-  for c in $CONCURRENCY; do
-    bench "ours-submit-c$c" --coordinators "$urls" submit -c "$c" -d "$DURATION"
-  done
+  # Single-connection points first, while the cluster is as idle as for
+  # the spread c=1 point (after the 256-connection point it is still
+  # flushing and compacting).
   local li; li=$(our_leader_index)
   bench "ours-submit-c1-leader" --coordinators "$urls" submit -c 1 -d "$DURATION" --node "$li"
   bench "ours-submit-c1-follower" --coordinators "$urls" submit -c 1 -d "$DURATION" --node $(((li + 1) % 3))
+  for c in $CONCURRENCY; do
+    bench "ours-submit-c$c" --coordinators "$urls" submit -c "$c" -d "$DURATION"
+  done
   bench "ours-e2e-c64" --coordinators "$urls" e2e -c 64 --workers 8 --slots 8 -d "$DURATION"
   bench "ours-pickup" --coordinators "$urls" pickup -n 200
   bench "ours-batch-c16" --coordinators "$urls" submit -c 16 --batch 100 -d "$DURATION"
@@ -286,12 +289,12 @@ compare() {
   start_etcd "$BENCH_DIR/etcd"
   local eurls; eurls=$(etcd_urls)
   "$BIN/jobsched-bench" etcd-put --endpoints "$eurls" -c 16 -d 2 >/dev/null 2>&1 || true
-  for c in $CONCURRENCY; do
-    bench "etcd-put-c$c" etcd-put --endpoints "$eurls" -c "$c" -d "$DURATION"
-  done
   li=$(etcd_leader_index)
   bench "etcd-put-c1-leader" etcd-put --endpoints "$eurls" -c 1 -d "$DURATION" --node "$li"
   bench "etcd-put-c1-follower" etcd-put --endpoints "$eurls" -c 1 -d "$DURATION" --node $(((li + 1) % 3))
+  for c in $CONCURRENCY; do
+    bench "etcd-put-c$c" etcd-put --endpoints "$eurls" -c "$c" -d "$DURATION"
+  done
   stop_etcd "$BENCH_DIR/etcd"
   echo "{\"loadAfter\":\"$(loadavg)\"}" >>"$BENCH_DIR/compare-load.json"
 
