@@ -66,7 +66,7 @@ pub(crate) const CF_SM_META: &str = "sm_meta";
 pub(crate) const STORE_VERSION: u8 = 1;
 
 /// Block cache shared by all column families.
-const BLOCK_CACHE_BYTES: usize = 24 << 20;
+const BLOCK_CACHE_BYTES: usize = 32 << 20;
 /// Memtable size of the state machine column family.
 const SM_WRITE_BUFFER_BYTES: usize = 32 << 20;
 /// Memtable size of the log column family.
@@ -74,12 +74,11 @@ const LOG_WRITE_BUFFER_BYTES: usize = 16 << 20;
 /// Memtable size of the small metadata column families.
 const META_WRITE_BUFFER_BYTES: usize = 1 << 20;
 /// Upper bound of all memtables together.
-/// Why 24 MiB cache + 48 MiB memtables (was 32 + 64): with 1M retained jobs
-/// the largest node reached 193-199 MiB resident against a 200 MB (191 MiB)
-/// goal. Session 2 saw no gain from this cut, but glibc's per-thread malloc
-/// arenas were the larger spread then (fixed in the coordinator's main);
-/// see docs/benchmarks.md.
-const DB_WRITE_BUFFER_BYTES: usize = 48 << 20;
+/// (With 1M retained jobs a node stays near 200 MiB resident; cutting this
+/// budget to 24 MiB cache + 48 MiB memtables did not lower it, in session 2
+/// nor again in session 5 with the malloc arena fix: 205 MiB on the largest
+/// node and slower acquires; see docs/benchmarks.md.)
+const DB_WRITE_BUFFER_BYTES: usize = 64 << 20;
 /// When the WALs exceed this, RocksDB flushes the column families that keep
 /// the oldest WAL alive.
 const MAX_TOTAL_WAL_BYTES: u64 = 128 << 20;
