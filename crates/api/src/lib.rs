@@ -64,6 +64,9 @@ pub struct JobView {
     pub id: Uuid,
     /// Position in submission order (unique, increasing). Passing it as the
     /// `cursor` of `GET /api/jobs` lists the jobs submitted after this one.
+    /// Defaults to 0 when absent, so clients still read jobs from nodes
+    /// older than the field (a rolling upgrade).
+    #[serde(default)]
     pub seq: u64,
     pub name: String,
     #[serde(rename = "type")]
