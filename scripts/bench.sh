@@ -276,7 +276,7 @@ compare() {
   # flushing and compacting).
   local li; li=$(our_leader_index)
   bench "ours-submit-c1-leader" --coordinators "$urls" submit -c 1 -d "$DURATION" --node "$li"
-  bench "ours-submit-c1-follower" --coordinators "$urls" submit -c 1 -d "$DURATION" --node $(((li + 1) % 3))
+  bench "ours-submit-c1-follower" --coordinators "$urls" submit -c 1 -d "$DURATION" --node $(((li + 1) % ${#NODES[@]}))
   for c in $CONCURRENCY; do
     bench "ours-submit-c$c" --coordinators "$urls" submit -c "$c" -d "$DURATION"
   done
@@ -291,7 +291,7 @@ compare() {
   "$BIN/jobsched-bench" etcd-put --endpoints "$eurls" -c 16 -d 2 >/dev/null 2>&1 || true
   li=$(etcd_leader_index)
   bench "etcd-put-c1-leader" etcd-put --endpoints "$eurls" -c 1 -d "$DURATION" --node "$li"
-  bench "etcd-put-c1-follower" etcd-put --endpoints "$eurls" -c 1 -d "$DURATION" --node $(((li + 1) % 3))
+  bench "etcd-put-c1-follower" etcd-put --endpoints "$eurls" -c 1 -d "$DURATION" --node $(((li + 1) % ${#NODES[@]}))
   for c in $CONCURRENCY; do
     bench "etcd-put-c$c" etcd-put --endpoints "$eurls" -c "$c" -d "$DURATION"
   done

@@ -29,14 +29,7 @@ pub async fn leader(http: &reqwest::Client, nodes: &[String]) -> Option<u64> {
 /// `None`), in submission order, following `nextCursor`. Tries the nodes in
 /// turn so one dead node does not stop the read.
 pub async fn jobs_after(http: &reqwest::Client, nodes: &[String], after: Option<u64>) -> Result<Vec<JobView>> {
-    let mut last_err = None;
-    for n in nodes {
-        match jobs_from(http, n, None, after.map(|s| s.to_string())).await {
-            Ok(j) => return Ok(j),
-            Err(e) => last_err = Some(e),
-        }
-    }
-    Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no coordinators given")))
+    jobs_from_any(http, nodes, None, after).await
 }
 
 /// Submits a marker job and cancels it again; returns its `seq`. Every job
@@ -80,15 +73,22 @@ pub async fn mark_start(http: &reqwest::Client, nodes: &[String], name: &str, wa
 pub async fn open_jobs(http: &reqwest::Client, nodes: &[String]) -> Result<Vec<JobView>> {
     let mut open = Vec::new();
     for status in ["Pending", "Running", "Failed"] {
-        open.extend(jobs_with_status(http, nodes, Some(status)).await?);
+        open.extend(jobs_from_any(http, nodes, Some(status), None).await?);
     }
     Ok(open)
 }
 
-async fn jobs_with_status(http: &reqwest::Client, nodes: &[String], status: Option<&str>) -> Result<Vec<JobView>> {
+/// The job list (optionally one status, optionally after a seq) from the
+/// first node that answers it completely.
+async fn jobs_from_any(
+    http: &reqwest::Client,
+    nodes: &[String],
+    status: Option<&str>,
+    after: Option<u64>,
+) -> Result<Vec<JobView>> {
     let mut last_err = None;
     for n in nodes {
-        match jobs_from(http, n, status, None).await {
+        match jobs_from(http, n, status, after.map(|s| s.to_string())).await {
             Ok(j) => return Ok(j),
             Err(e) => last_err = Some(e),
         }
