@@ -861,3 +861,40 @@ async fn a_job_acquired_again_by_the_same_worker_stops_the_stale_run() {
     assert_eq!(job_span_field(&dropped[0], "token"), t1);
     assert_eq!(job(&c, &id).await, done);
 }
+
+/// Steps: submit 200 echo jobs in one batch before any worker runs; start
+/// one worker with capacity 16 (debug logs); every job ends Completed as
+/// attempt 1 with its payload as result; the worker's log holds exactly one
+/// accepted report per job, and its reporter sent results that finished
+/// together in batched calls (`POST /api/jobs/complete`) of more than one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_worker_reports_results_in_batches() {
+    let c = Cluster::start(Opts::default()).await;
+    const N: usize = 200;
+    let jobs: Vec<Value> =
+        (0..N).map(|i| json!({"name": format!("e{i}"), "type": "echo", "payload": {"i": i}})).collect();
+    let (status, body) = c.post(1, "/api/jobs/batch", json!({ "jobs": jobs })).await;
+    assert_eq!((status, &body["created"]), (201, &json!(N)), "batch submit");
+    let mut opts = WorkerOpts::new("busy").job_types(&["echo"]).capacity(16);
+    opts.rust_log = "info,jobsched_worker=debug".into();
+    let mut w = c.spawn_worker(&opts);
+    let done = wait_all_finished(&c, Duration::from_secs(60)).await;
+    assert_eq!(done.len(), N);
+    let st = w.stop(Duration::from_secs(20)).await;
+    assert!(st.success(), "worker exit: {st:?}");
+    let reported = count_by_job(&w, "result reported");
+    for (id, j) in &done {
+        assert_eq!(j["status"], "Completed", "{j}");
+        assert_eq!(j["attempt"], 1, "{j}");
+        assert_eq!(j["result"], j["payload"], "{j}");
+        assert_eq!(reported.get(id), Some(&1), "job {id}: accepted reports in the worker log");
+    }
+    let sizes: Vec<u64> = w
+        .events()
+        .iter()
+        .filter(|e| e["message"] == "batched report answered")
+        .filter_map(|e| e["results"].as_u64())
+        .collect();
+    assert!(sizes.iter().any(|&n| n > 1), "no batched report: {sizes:?}");
+    eprintln!("batched reports: {} calls, {} results", sizes.len(), sizes.iter().sum::<u64>());
+}

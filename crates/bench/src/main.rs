@@ -9,8 +9,10 @@
 //! * `etcd-put`: the same closed loop against etcd's gateway,
 //!   `POST /v3/kv/put` with base64 key and value: the anchor we compare with.
 //! * `e2e`: C closed-loop submitters plus W workers x K slots that acquire
-//!   (up to their free slots per call) and complete (one batched call) over
-//!   HTTP: completed jobs per second end to end.
+//!   (up to their free slots per call) and report results over HTTP the way
+//!   the worker SDK does: a slot is free again when its (instant) handler
+//!   returns, and each worker's reporter sends the finished results in one
+//!   batched call per round trip: completed jobs per second end to end.
 //! * `pickup`: one idle worker long-polls; N times, submit a job and time
 //!   from the submit's acknowledgement (and from its send) to the moment the
 //!   worker's acquire returns with it.
@@ -119,6 +121,11 @@ enum Mode {
         /// per acquired set.
         #[arg(long)]
         single_complete: bool,
+        /// Hold the slots until the completion is acknowledged (report
+        /// inline, then acquire again) instead of the SDK's pipelined
+        /// reporter; for comparison.
+        #[arg(long)]
+        inline_report: bool,
     },
     /// Pickup latency: submit -> acquire on an idle long-polling worker.
     Pickup {
@@ -193,8 +200,9 @@ async fn main() -> Result<()> {
         Mode::EtcdPut { endpoints, load, value_bytes, node } => {
             modes::etcd_put(&http, endpoints, load.concurrency, load.duration, load.total, *value_bytes, *node).await?
         }
-        Mode::E2e { submitters, workers, slots, duration, single_complete } => {
-            modes::e2e(&http, nodes, *submitters, *workers, *slots, *duration, !*single_complete).await?
+        Mode::E2e { submitters, workers, slots, duration, single_complete, inline_report } => {
+            let reporting = modes::Reporting { batched: !*single_complete, pipelined: !*inline_report };
+            modes::e2e(&http, nodes, *submitters, *workers, *slots, *duration, reporting).await?
         }
         Mode::Pickup { samples } => modes::pickup(&http, nodes, *samples).await?,
         Mode::Preload { jobs, batch, concurrency, job_type, priority, request_ids, finish } => {

@@ -210,7 +210,7 @@ async fn complete_jobs(http: &reqwest::Client, base: &str, jobs: &[AcquiredJob],
     }
     if batched {
         let mut done = 0;
-        for chunk in jobs.chunks(1000) {
+        for chunk in jobs.chunks(jobsched_api::MAX_BATCH_ITEMS) {
             let answer = post_raw(http, &format!("{base}/api/jobs/complete"), completions_body(chunk)).await?;
             let v: Value = serde_json::from_slice(&answer)?;
             done += v["results"].as_array().map_or(0, |r| r.iter().filter(|x| x.get("job").is_some()).count()) as u64;
@@ -223,6 +223,26 @@ async fn complete_jobs(http: &reqwest::Client, base: &str, jobs: &[AcquiredJob],
             async move { post_raw(http, &url, body).await.is_ok() }
         });
         Ok(futures::future::join_all(calls).await.into_iter().filter(|ok| *ok).count() as u64)
+    }
+}
+
+/// An e2e worker's reporter: takes every finished job waiting in the queue
+/// and reports them (one call per round trip when batched).
+async fn report_loop(
+    http: reqwest::Client,
+    base: String,
+    mut rx: tokio::sync::mpsc::Receiver<AcquiredJob>,
+    batched: bool,
+    measuring: Arc<AtomicBool>,
+    completed: Arc<AtomicU64>,
+) {
+    let mut ready = Vec::new();
+    while rx.recv_many(&mut ready, jobsched_api::MAX_BATCH_ITEMS).await > 0 {
+        let done = complete_jobs(&http, &base, &ready, batched).await.unwrap_or(0);
+        if measuring.load(Ordering::Relaxed) {
+            completed.fetch_add(done, Ordering::Relaxed);
+        }
+        ready.clear();
     }
 }
 
@@ -252,6 +272,17 @@ fn rate_progress(label: String, counter: Arc<AtomicU64>, stop: Arc<AtomicBool>) 
     })
 }
 
+/// How the e2e workers report results.
+#[derive(Clone, Copy)]
+pub struct Reporting {
+    /// One `POST /api/jobs/complete` per set instead of one call per job.
+    pub batched: bool,
+    /// A reporter task per worker sends the results while the worker
+    /// acquires again (the SDK's way); otherwise each acquired set is
+    /// completed before the next acquire.
+    pub pipelined: bool,
+}
+
 pub async fn e2e(
     http: &reqwest::Client,
     nodes: &[String],
@@ -259,7 +290,7 @@ pub async fn e2e(
     workers: usize,
     slots: u32,
     duration: f64,
-    batched_complete: bool,
+    reporting: Reporting,
 ) -> Result<Value> {
     let job_type = format!("e2e-{}", uuid::Uuid::new_v4());
     let stop = Arc::new(AtomicBool::new(false));
@@ -274,18 +305,49 @@ pub async fn e2e(
         tasks.push(tokio::spawn(async move {
             let url = format!("{base}/api/jobs/acquire");
             let body = format!(r#"{{"workerId":"{worker_id}","maxJobs":{slots},"waitSeconds":1,"leaseSeconds":60}}"#);
+            // The SDK's report queue: bounded by the slot count, so a slow
+            // reporter holds the acquire loop back instead of piling up
+            // leased jobs.
+            let (report_tx, reporter) = if reporting.pipelined {
+                let (tx, rx) = tokio::sync::mpsc::channel::<AcquiredJob>(slots as usize);
+                let reporter = tokio::spawn(report_loop(
+                    http.clone(),
+                    base.clone(),
+                    rx,
+                    reporting.batched,
+                    measuring.clone(),
+                    completed.clone(),
+                ));
+                (Some(tx), Some(reporter))
+            } else {
+                (None, None)
+            };
             while !stop.load(Ordering::Relaxed) {
                 let Ok(answer) = post_raw(&http, &url, body.clone()).await else {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
                 let Ok(acq) = serde_json::from_slice::<Acquired>(&answer) else { continue };
-                // The whole acquired set is finished at once, as a worker
-                // with this many slots running instant jobs would.
-                let done = complete_jobs(&http, &base, &acq.jobs, batched_complete).await.unwrap_or(0);
-                if measuring.load(Ordering::Relaxed) {
-                    completed.fetch_add(done, Ordering::Relaxed);
+                // Each acquired job's handler returns at once.
+                match &report_tx {
+                    Some(tx) => {
+                        for job in acq.jobs {
+                            if tx.send(job).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    None => {
+                        let done = complete_jobs(&http, &base, &acq.jobs, reporting.batched).await.unwrap_or(0);
+                        if measuring.load(Ordering::Relaxed) {
+                            completed.fetch_add(done, Ordering::Relaxed);
+                        }
+                    }
                 }
+            }
+            drop(report_tx);
+            if let Some(r) = reporter {
+                let _ = r.await;
             }
             let _ = http.delete(format!("{base}/api/workers/{worker_id}")).send().await;
         }));
@@ -325,7 +387,8 @@ pub async fn e2e(
         sub / elapsed
     );
     Ok(json!({"mode": "e2e", "target": "jobsched", "submitters": submitters, "workers": workers,
-              "slots": workers as u32 * slots, "batchedComplete": batched_complete, "seconds": elapsed,
+              "slots": workers as u32 * slots, "batchedComplete": reporting.batched,
+              "pipelinedReport": reporting.pipelined, "seconds": elapsed,
               "completedPerSecond": done / elapsed, "submittedPerSecond": sub / elapsed}))
 }
 

@@ -1,32 +1,48 @@
 //! The worker runtime: [`WorkerBuilder`] and [`Worker::run`].
 //!
 //! Owns: registration, the acquire loop (long poll), one task per running
-//! job, the heartbeat task, completion reporting and the graceful drain.
+//! job, the heartbeat task, the result reporter and the graceful drain.
 //!
 //! Invariants:
-//! - At most `capacity` jobs run at once: every job task holds a semaphore
-//!   permit from before its acquisition until its result is reported.
+//! - At most `capacity` handlers run at once: every job task holds a
+//!   semaphore permit from before its acquisition until its result is in the
+//!   report queue.
+//! - Results go through one reporter task: it takes every result waiting in
+//!   the queue and sends them in one `POST /api/jobs/complete` (one Raft
+//!   entry), so a busy worker reports many results per round trip while a
+//!   lone result still leaves at once. Why the slot is freed before the
+//!   report lands: otherwise every slot sits idle for a whole Raft commit
+//!   after each job, which halves the throughput of short jobs. The queue is
+//!   bounded by `capacity`, so when reports cannot get through, handlers
+//!   wait to enqueue, hold their slots, and the worker stops acquiring.
 //! - A job is in the `held` map (and so in every heartbeat, which extends its
 //!   lease) from its acquisition until its result is reported, released or
-//!   dropped; a drop guard removes it even if its task panics. The map holds
-//!   the newest attempt of each job: acquiring a job again (new token) stops
-//!   the run under the old token as revoked, and the old run's guard leaves
-//!   the new entry alone.
+//!   dropped; a drop guard, which travels with a queued result, removes it
+//!   even if its task panics. The map holds the newest attempt of each job:
+//!   acquiring a job again (new token) stops the run under the old token as
+//!   revoked, and the old run's guard leaves the new entry alone.
 //! - Results always carry the attempt's fencing token. A result whose lease
 //!   was revoked is dropped, never reported; a 409 on complete is logged and
-//!   dropped; other failures are retried until the lease would be gone.
+//!   dropped; other failures are retried until the lease would be gone. A
+//!   batch the cluster refuses as a whole (a result too large, the request
+//!   over the body limit) or that gets no answer is reported result by
+//!   result under those same rules.
 //! - Shutdown: acquiring stops at once (the long poll is dropped), running
 //!   jobs get the drain timeout to finish, the rest are cancelled and their
-//!   leases released, then the worker deregisters (which also returns any
-//!   lease the dropped long poll might still have taken to Pending).
+//!   leases released, the reporter sends what is queued, then the worker
+//!   deregisters (which also returns any lease the dropped long poll might
+//!   still have taken to Pending).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use jobsched_api::{AcquireRequest, CompleteRequest, HeartbeatRequest, HeldJob, JobView, RegisterWorkerRequest};
+use jobsched_api::{
+    AcquireRequest, BatchCompleteRequest, CompleteRequest, CompletionItem, HeartbeatRequest, HeldJob, JobView,
+    RegisterWorkerRequest, MAX_BATCH_ITEMS,
+};
 use jobsched_client::{Client, ClientError};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
@@ -291,8 +307,11 @@ impl Worker {
             let hb_stop = CancellationToken::new();
             let heartbeats = tokio::spawn(inner.clone().heartbeat_loop(hb_stop.clone()).in_current_span());
 
+            let (report_tx, report_rx) = mpsc::channel(inner.capacity as usize);
+            let reporter = tokio::spawn(inner.clone().report_loop(report_rx).in_current_span());
+
             let mut tasks = JoinSet::new();
-            inner.acquire_loop(&shutdown, &mut tasks).await;
+            inner.acquire_loop(&shutdown, &mut tasks, &report_tx).await;
 
             info!(running = tasks.len(), drain_timeout = ?inner.drain_timeout, "shutting down: acquiring stopped, draining");
             if tokio::time::timeout(inner.drain_timeout, join_all(&mut tasks)).await.is_err() {
@@ -308,6 +327,16 @@ impl Worker {
                     warn!(jobs = tasks.len(), "jobs still busy after cancellation; abandoning them");
                     tasks.abort_all();
                 }
+            }
+
+            // Every job task has ended, so this was the last sender: the
+            // reporter sends what is queued and stops. Its retries are
+            // bounded by the leases; past the drain bound, deregistration
+            // returns the unreported jobs to Pending (they run again).
+            drop(report_tx);
+            let bound = inner.drain_timeout.max(CALL_BUDGET);
+            if tokio::time::timeout(bound, reporter).await.is_err() {
+                warn!("results still unreported after {bound:?}; the cluster will run those jobs again");
             }
 
             hb_stop.cancel();
@@ -387,6 +416,17 @@ struct Inner {
     held: Mutex<HashMap<Uuid, Arc<Held>>>,
     /// Serialises (re-)registrations from the acquire and heartbeat loops.
     register_lock: tokio::sync::Mutex<()>,
+}
+
+/// A finished attempt waiting for the reporter.
+struct Report {
+    job_id: Uuid,
+    held: Arc<Held>,
+    req: CompleteRequest,
+    /// The job's span, so that the report's log lines carry its fields.
+    span: tracing::Span,
+    /// Keeps the job in `held`, and so its lease extended, until reported.
+    _guard: HeldGuard,
 }
 
 /// Removes a job from `held` when its task ends, however it ends; but only
@@ -512,7 +552,12 @@ impl Inner {
         }
     }
 
-    async fn acquire_loop(self: &Arc<Self>, shutdown: &CancellationToken, tasks: &mut JoinSet<()>) {
+    async fn acquire_loop(
+        self: &Arc<Self>,
+        shutdown: &CancellationToken,
+        tasks: &mut JoinSet<()>,
+        report_tx: &mpsc::Sender<Report>,
+    ) {
         let slots = Arc::new(Semaphore::new(self.capacity as usize));
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let job_types = Some(self.job_types.clone());
@@ -562,7 +607,7 @@ impl Inner {
                     }
                     for job in resp.jobs {
                         match permits.pop() {
-                            Some(permit) => self.spawn_job(tasks, job, permit, sent_at),
+                            Some(permit) => self.spawn_job(tasks, job, permit, sent_at, report_tx.clone()),
                             None => {
                                 // More jobs than asked for: give the extra back.
                                 warn!(job_id = %job.id, "acquire returned more jobs than requested; releasing");
@@ -605,6 +650,7 @@ impl Inner {
         job: JobView,
         permit: OwnedSemaphorePermit,
         sent_at: Instant,
+        report_tx: mpsc::Sender<Report>,
     ) {
         let Some(token) = job.fencing_token else {
             error!(job_id = %job.id, "acquired job has no fencing token; ignoring it (its lease will expire)");
@@ -629,20 +675,34 @@ impl Inner {
         let inner = self.clone();
         tasks.spawn(
             async move {
+                // The slot is held until the result is queued (or the run
+                // ends without one).
                 let _permit = permit;
-                let _guard = guard;
-                inner.run_job(job, held).await;
+                let Some(result) = inner.run_job(job, &held).await else { return };
+                let report = Report {
+                    job_id: guard.job_id,
+                    req: inner.completion(&held, result),
+                    held,
+                    span: tracing::Span::current(),
+                    _guard: guard,
+                };
+                if report_tx.send(report).await.is_err() {
+                    error!("the reporter has stopped; result dropped");
+                }
             }
             .instrument(span),
         );
     }
 
-    async fn run_job(&self, job: JobView, held: Arc<Held>) {
+    /// Run one attempt; returns the result to report, or None when there is
+    /// nothing to report (lease revoked, or released on shutdown).
+    async fn run_job(&self, job: JobView, held: &Held) -> Option<JobResult> {
         let Some(handler) = self.handlers.get(&job.job_type).cloned() else {
             warn!("no handler for this job type");
-            let e = JobError::new(format!("worker {} has no handler for job type {:?}", self.id, job.job_type));
-            self.report(job.id, &held, Err(e)).await;
-            return;
+            return Some(Err(JobError::new(format!(
+                "worker {} has no handler for job type {:?}",
+                self.id, job.job_type
+            ))));
         };
         let timeout = job.timeout_seconds.and_then(|s| Duration::try_from_secs_f64(s).ok()).filter(|d| !d.is_zero());
         let ctx = JobContext {
@@ -667,16 +727,17 @@ impl Inner {
         match (held.reason(), exec.result) {
             (Some(StopReason::Revoked), _) => {
                 warn!(?elapsed, "lease revoked while running; result dropped");
+                None
             }
             (Some(StopReason::Timeout), _) => {
                 let secs = timeout.map(|t| t.as_secs_f64()).unwrap_or_default();
                 warn!(?elapsed, "job timed out");
-                self.report(job.id, &held, Err(JobError::new(format!("timed out after {secs}s")))).await;
+                Some(Err(JobError::new(format!("timed out after {secs}s"))))
             }
             // Finished despite the drain cancellation: its result is real.
             (Some(StopReason::Drain), Ok(r)) | (None, Ok(r)) => {
                 info!(?elapsed, "job succeeded");
-                self.report(job.id, &held, Ok(r)).await;
+                Some(Ok(r))
             }
             (Some(StopReason::Drain), Err(e)) => {
                 info!(?elapsed, error = %e, "job cancelled by shutdown; releasing its lease");
@@ -684,18 +745,18 @@ impl Inner {
                     Ok(view) => info!(status = %view.status, "lease released"),
                     Err(e) => warn!(error = %e, "release failed (deregistration will return the job)"),
                 }
+                None
             }
             (None, Err(e)) => {
                 info!(?elapsed, error = %e, "job failed");
-                self.report(job.id, &held, Err(e)).await;
+                Some(Err(e))
             }
         }
     }
 
-    /// Send the attempt's result, retrying until it lands, is rejected, the
-    /// lease is revoked, or the lease would have run out.
-    async fn report(&self, job_id: Uuid, held: &Held, result: JobResult) {
-        let mut req = match result {
+    /// The completion request for an attempt's result.
+    fn completion(&self, held: &Held, result: JobResult) -> CompleteRequest {
+        match result {
             Ok(result) => CompleteRequest {
                 fencing_token: held.token,
                 worker_id: Some(self.id),
@@ -710,7 +771,72 @@ impl Inner {
                 result: None,
                 error: Some(e.message().to_owned()),
             },
+        }
+    }
+
+    /// The reporter: whatever results are queued leave together.
+    async fn report_loop(self: Arc<Self>, mut rx: mpsc::Receiver<Report>) {
+        let mut ready = Vec::new();
+        while rx.recv_many(&mut ready, MAX_BATCH_ITEMS).await > 0 {
+            self.report_batch(std::mem::take(&mut ready)).await;
+        }
+    }
+
+    async fn report_batch(&self, mut batch: Vec<Report>) {
+        batch.retain(|r| {
+            let revoked = r.held.reason() == Some(StopReason::Revoked);
+            if revoked {
+                r.span.in_scope(|| warn!("lease revoked before the result was reported; result dropped"));
+            }
+            !revoked
+        });
+        if batch.len() <= 1 {
+            return self.report_each(batch).await;
+        }
+        let req = BatchCompleteRequest {
+            completions: batch.iter().map(|r| CompletionItem { job_id: r.job_id, completion: r.req.clone() }).collect(),
         };
+        let resp = match self.client.with_retry_budget(CALL_BUDGET).complete_many(&req).await {
+            Ok(resp) if resp.results.len() == batch.len() => resp,
+            Ok(resp) => {
+                error!(
+                    sent = batch.len(),
+                    answered = resp.results.len(),
+                    "batched report answer does not match; reporting one by one"
+                );
+                return self.report_each(batch).await;
+            }
+            Err(e) => {
+                // Refused as a whole (4xx: some result too large, the body
+                // over the limit) or no answer within the budget. Reporting
+                // again is safe: a repeated identical completion succeeds.
+                warn!(error = %e, results = batch.len(), "batched report failed; reporting one by one");
+                return self.report_each(batch).await;
+            }
+        };
+        debug!(results = batch.len(), "batched report answered");
+        let mut again = Vec::new();
+        for (r, answer) in batch.into_iter().zip(resp.results) {
+            match (answer.job, answer.error) {
+                (Some(view), _) => r.span.in_scope(|| info!(status = %view.status, "result reported")),
+                (None, Some(e)) if matches!(e.code.as_str(), "stale_token" | "not_found" | "wrong_status") => {
+                    r.span.in_scope(|| warn!(code = %e.code, error = %e.message, "the cluster refused the result (lease lost); dropped"))
+                }
+                // Anything else gets the single-report rules.
+                (None, _) => again.push(r),
+            }
+        }
+        self.report_each(again).await;
+    }
+
+    async fn report_each(&self, reports: Vec<Report>) {
+        let sends = reports.iter().map(|r| self.report(r.job_id, &r.held, r.req.clone()).instrument(r.span.clone()));
+        futures::future::join_all(sends).await;
+    }
+
+    /// Send one attempt's result, retrying until it lands, is rejected, the
+    /// lease is revoked, or the lease would have run out.
+    async fn report(&self, job_id: Uuid, held: &Held, mut req: CompleteRequest) {
         let client = self.client.with_retry_budget(CALL_BUDGET);
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         loop {

@@ -45,3 +45,183 @@ async fn shutdown_before_any_node_answers_returns_cleanly() {
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(3), handle).await.unwrap().unwrap().unwrap();
 }
+
+/// A coordinator stand-in that hands out a fixed set of jobs once and
+/// records how their results arrive: batched (`POST /api/jobs/complete`) or
+/// one by one. It is only as real as the reporter's rules need: the
+/// behaviour against a real cluster is in the workspace's `tests/workers.rs`.
+mod stub {
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use axum::extract::{Path, State};
+    use axum::http::StatusCode;
+    use axum::routing::{delete, post};
+    use axum::{Json, Router};
+    use serde_json::{json, Value};
+    use uuid::Uuid;
+
+    #[derive(Default)]
+    pub struct Calls {
+        pub to_hand_out: VecDeque<(Uuid, u64)>,
+        /// (job id, fencing token) of each item of each batched call.
+        pub batches: Vec<Vec<(Uuid, u64)>>,
+        /// (job id, fencing token) of each single-result call.
+        pub singles: Vec<(Uuid, u64)>,
+    }
+
+    #[derive(Clone)]
+    pub struct Stub {
+        pub calls: Arc<Mutex<Calls>>,
+        /// Status of every batched call: 200 answers each item with its job.
+        pub batch_status: StatusCode,
+        /// Delay of every single-result answer, so that results pile up
+        /// behind it.
+        pub single_delay: Duration,
+    }
+
+    fn job(id: Uuid, token: u64, status: &str) -> Value {
+        let t = "2026-01-01T00:00:00Z";
+        json!({"id": id, "name": "j", "type": "echo", "payload": {"n": 1}, "priority": 0, "maxRetries": 0,
+               "attempt": 1, "status": status, "workerId": null, "fencingToken": token,
+               "leaseExpiresAt": null, "runAt": t, "timeoutSeconds": null, "createdAt": t,
+               "startedAt": t, "completedAt": null, "updatedAt": t, "lastError": null,
+               "result": null, "requestId": null})
+    }
+
+    fn worker(id: &str) -> Value {
+        let t = "2026-01-01T00:00:00Z";
+        json!({"id": id, "name": "w", "capacity": 8, "jobTypes": ["echo"], "status": "Alive",
+               "registeredAt": t, "lastHeartbeatAt": t})
+    }
+
+    pub async fn start(stub: Stub) -> String {
+        let app = Router::new()
+            .route(
+                "/api/workers/register",
+                post(|Json(b): Json<Value>| async move { Json(worker(b["workerId"].as_str().unwrap())) }),
+            )
+            .route(
+                "/api/workers/{id}/heartbeat",
+                post(|Path(id): Path<String>| async move { Json(json!({"worker": worker(&id), "revokedJobs": []})) }),
+            )
+            .route("/api/workers/{id}", delete(|| async { StatusCode::NO_CONTENT }))
+            .route("/api/jobs/acquire", post(acquire))
+            .route("/api/jobs/complete", post(complete_many))
+            .route("/api/jobs/{id}/complete", post(complete_one))
+            .with_state(stub);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        url
+    }
+
+    async fn acquire(State(s): State<Stub>, Json(b): Json<Value>) -> Json<Value> {
+        let max = b["maxJobs"].as_u64().unwrap_or(1) as usize;
+        let jobs: Vec<Value> = {
+            let mut c = s.calls.lock().unwrap();
+            let n = max.min(c.to_hand_out.len());
+            c.to_hand_out.drain(..n).map(|(id, token)| job(id, token, "Running")).collect()
+        };
+        if jobs.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Json(json!({ "jobs": jobs }))
+    }
+
+    async fn complete_many(State(s): State<Stub>, Json(b): Json<Value>) -> (StatusCode, Json<Value>) {
+        let items: Vec<(Uuid, u64)> = b["completions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| (i["jobId"].as_str().unwrap().parse().unwrap(), i["fencingToken"].as_u64().unwrap()))
+            .collect();
+        s.calls.lock().unwrap().batches.push(items.clone());
+        if s.batch_status != StatusCode::OK {
+            let body = json!({"error": {"code": "payload_too_large", "message": "body over the limit"}});
+            return (s.batch_status, Json(body));
+        }
+        let results: Vec<Value> =
+            items.iter().map(|(id, t)| json!({"jobId": id, "job": job(*id, *t, "Completed")})).collect();
+        (StatusCode::OK, Json(json!({ "results": results })))
+    }
+
+    async fn complete_one(State(s): State<Stub>, Path(id): Path<Uuid>, Json(b): Json<Value>) -> Json<Value> {
+        tokio::time::sleep(s.single_delay).await;
+        let token = b["fencingToken"].as_u64().unwrap();
+        s.calls.lock().unwrap().singles.push((id, token));
+        Json(job(id, token, "Completed"))
+    }
+}
+
+/// Runs an echo worker of capacity 8 against `stub` until every one of the
+/// 8 handed-out jobs has been reported by some call; returns the calls.
+async fn run_against(stub: stub::Stub) -> (Vec<(Uuid, u64)>, Vec<Vec<(Uuid, u64)>>, Vec<(Uuid, u64)>) {
+    let jobs: Vec<(Uuid, u64)> = (0..8).map(|i| (Uuid::new_v4(), 100 + i)).collect();
+    stub.calls.lock().unwrap().to_hand_out = jobs.iter().copied().collect();
+    let url = stub::start(stub.clone()).await;
+    let worker = jobsched_worker::Worker::builder()
+        .coordinators([url])
+        .capacity(8)
+        .poll_wait(Duration::from_millis(200))
+        .handler(jobsched_worker::builtin::EchoHandler)
+        .build()
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(worker.run(shutdown.clone()));
+    let reported = |c: &stub::Calls| {
+        let batched_ok = if stub.batch_status.is_success() { c.batches.iter().flatten().count() } else { 0 };
+        batched_ok + c.singles.len()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while reported(&stub.calls.lock().unwrap()) < jobs.len() {
+        assert!(std::time::Instant::now() < deadline, "not every result was reported");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), run).await.unwrap().unwrap().unwrap();
+    let c = stub.calls.lock().unwrap();
+    (jobs, c.batches.clone(), c.singles.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_that_finish_together_are_reported_in_one_call() {
+    // Steps: the stub hands 8 jobs to an echo worker of capacity 8 in one
+    // acquire and answers single reports after 300 ms; the first result
+    // leaves alone (nothing else is queued yet), the others queue behind it
+    // and leave together in one batched call. Every job is reported exactly
+    // once, with its own fencing token.
+    let stub = stub::Stub {
+        calls: Default::default(),
+        batch_status: axum::http::StatusCode::OK,
+        single_delay: Duration::from_millis(300),
+    };
+    let (jobs, batches, singles) = run_against(stub).await;
+    assert!(batches.iter().any(|b| b.len() > 1), "no batched report: batches {batches:?}, singles {singles:?}");
+    let mut all: Vec<(Uuid, u64)> = batches.into_iter().flatten().chain(singles).collect();
+    all.sort();
+    let mut want = jobs;
+    want.sort();
+    assert_eq!(all, want, "each job reported exactly once with its token");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_refused_as_a_whole_is_reported_one_by_one() {
+    // Steps: as above, but the stub refuses every batched call with 413
+    // (the body over the limit); each result of a refused batch is then
+    // sent on its own and lands: every job reported once by a single call,
+    // and each refused batch's jobs are among them.
+    let stub = stub::Stub {
+        calls: Default::default(),
+        batch_status: axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+        single_delay: Duration::from_millis(300),
+    };
+    let (jobs, batches, singles) = run_against(stub).await;
+    assert!(!batches.is_empty(), "no batched report was tried: singles {singles:?}");
+    let mut singles_sorted = singles.clone();
+    singles_sorted.sort();
+    let mut want = jobs;
+    want.sort();
+    assert_eq!(singles_sorted, want, "each job reported exactly once by a single call");
+}
