@@ -662,9 +662,12 @@ async fn idle_long_polling_worker_picks_up_at_once() {
 /// Steps: submit 4 `sample` jobs of 3 s before any worker runs; start one
 /// worker with capacity 2, a 2 s lease and 0.3 s heartbeats; all complete as
 /// attempt 1 although each ran longer than the lease (its heartbeats listed
-/// the jobs and extended their leases); from the jobs' startedAt and
-/// completedAt (leader time) the worker never held more than 2 at once, and
-/// it did hold 2.
+/// the jobs and extended their leases); from the worker's own log (handler
+/// started / succeeded) it never ran more than 2 handlers at once, and it did
+/// run 2; from the jobs' startedAt and completedAt (leader time) the cluster
+/// never saw more than 2 x capacity = 4 of them leased at once (a finished
+/// job stays leased until its report is acknowledged, while its slot already
+/// runs the next one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capacity_bounds_running_jobs_and_heartbeats_keep_long_jobs() {
     let c = Cluster::start(Opts::default()).await;
@@ -672,26 +675,41 @@ async fn capacity_bounds_running_jobs_and_heartbeats_keep_long_jobs() {
     for i in 0..4u64 {
         ids.push(id_of(&c.submit(1 + i % 3, "sample", json!({"payload": {"durationMs": 3000}})).await));
     }
-    let _w = c.spawn_worker(&WorkerOpts::new("two").job_types(&["sample"]).capacity(2).lease(2, 0.3));
+    let mut w = c.spawn_worker(&WorkerOpts::new("two").job_types(&["sample"]).capacity(2).lease(2, 0.3));
     let done = wait_all_finished(&c, Duration::from_secs(60)).await;
-    let mut edges = Vec::new();
+    let mut leased = Vec::new();
     for id in &ids {
         let j = &done[id];
         assert_eq!(j["status"], "Completed", "{j}");
         assert_eq!(j["attempt"], 1, "lease lost although heartbeats ran: {j}");
         let (s, e) = (ms(&j["startedAt"]), ms(&j["completedAt"]));
         assert!(e - s >= 3000, "{j}");
-        edges.push((s, 1));
-        edges.push((e, -1));
+        leased.push((s, e));
     }
-    // Half-open intervals: at equal times an end comes before a start.
+    assert!(w.stop(Duration::from_secs(20)).await.success());
+    let mut running = Vec::new();
+    for id in &ids {
+        let started = w.job_events(id, "job started");
+        let finished = w.job_events(id, "job succeeded");
+        assert_eq!((started.len(), finished.len()), (1, 1), "job {id}: one run in the worker log");
+        running.push((event_us(&started[0]), event_us(&finished[0])));
+    }
+    assert_eq!(most_at_once(&running), 2, "handlers running at once (worker log)");
+    let seen = most_at_once(&leased);
+    assert!((2..=4).contains(&seen), "jobs leased to the worker at once (cluster view): {seen}");
+}
+
+/// The most half-open intervals `[start, end)` that overlap at one moment.
+fn most_at_once(intervals: &[(i64, i64)]) -> i32 {
+    let mut edges: Vec<(i64, i32)> = intervals.iter().flat_map(|&(s, e)| [(s, 1), (e, -1)]).collect();
+    // At equal times an end (-1) sorts before a start.
     edges.sort();
     let (mut now, mut max) = (0, 0);
     for (_, d) in edges {
         now += d;
         max = max.max(now);
     }
-    assert_eq!(max, 2, "most jobs running at once");
+    max
 }
 
 /// Steps: worker_timeout 3 s; worker A (capacity 1, types echo and shell,

@@ -226,23 +226,27 @@ async fn complete_jobs(http: &reqwest::Client, base: &str, jobs: &[AcquiredJob],
     }
 }
 
+/// A finished job and the report slot it holds until its report is answered.
+type Finished = (AcquiredJob, tokio::sync::OwnedSemaphorePermit);
+
 /// An e2e worker's reporter: takes every finished job waiting in the queue
 /// and reports them (one call per round trip when batched).
 async fn report_loop(
     http: reqwest::Client,
     base: String,
-    mut rx: tokio::sync::mpsc::Receiver<AcquiredJob>,
+    mut rx: tokio::sync::mpsc::Receiver<Finished>,
     batched: bool,
     measuring: Arc<AtomicBool>,
     completed: Arc<AtomicU64>,
 ) {
     let mut ready = Vec::new();
     while rx.recv_many(&mut ready, jobsched_api::MAX_BATCH_ITEMS).await > 0 {
-        let done = complete_jobs(&http, &base, &ready, batched).await.unwrap_or(0);
+        // The slots are freed when `_slots` drops, after the answer.
+        let (jobs, _slots): (Vec<AcquiredJob>, Vec<_>) = ready.drain(..).unzip();
+        let done = complete_jobs(&http, &base, &jobs, batched).await.unwrap_or(0);
         if measuring.load(Ordering::Relaxed) {
             completed.fetch_add(done, Ordering::Relaxed);
         }
-        ready.clear();
     }
 }
 
@@ -305,11 +309,12 @@ pub async fn e2e(
         tasks.push(tokio::spawn(async move {
             let url = format!("{base}/api/jobs/acquire");
             let body = format!(r#"{{"workerId":"{worker_id}","maxJobs":{slots},"waitSeconds":1,"leaseSeconds":60}}"#);
-            // The SDK's report queue: bounded by the slot count, so a slow
-            // reporter holds the acquire loop back instead of piling up
-            // leased jobs.
+            // As in the SDK: at most `slots` results wait for their report's
+            // answer (each holds a report slot), so a slow reporter holds the
+            // acquire loop back instead of piling up leased jobs.
+            let report_slots = Arc::new(tokio::sync::Semaphore::new(slots as usize));
             let (report_tx, reporter) = if reporting.pipelined {
-                let (tx, rx) = tokio::sync::mpsc::channel::<AcquiredJob>(slots as usize);
+                let (tx, rx) = tokio::sync::mpsc::channel::<Finished>(slots as usize);
                 let reporter = tokio::spawn(report_loop(
                     http.clone(),
                     base.clone(),
@@ -332,7 +337,8 @@ pub async fn e2e(
                 match &report_tx {
                     Some(tx) => {
                         for job in acq.jobs {
-                            if tx.send(job).await.is_err() {
+                            let Ok(slot) = report_slots.clone().acquire_owned().await else { break };
+                            if tx.send((job, slot)).await.is_err() {
                                 break;
                             }
                         }

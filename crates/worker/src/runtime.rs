@@ -4,17 +4,21 @@
 //! job, the heartbeat task, the result reporter and the graceful drain.
 //!
 //! Invariants:
-//! - At most `capacity` handlers run at once: every job task holds a
-//!   semaphore permit from before its acquisition until its result is in the
-//!   report queue.
+//! - At most `capacity` handlers run at once: every job task holds a run
+//!   slot (semaphore permit) from before its acquisition until its result
+//!   has a report slot.
+//! - At most `capacity` results wait for the cluster's acknowledgement: each
+//!   holds a report slot until its report is answered. So the cluster sees
+//!   at most 2 x `capacity` jobs leased to this worker (as with Celery's
+//!   prefetch), for about one report round trip.
 //! - Results go through one reporter task: it takes every result waiting in
 //!   the queue and sends them in one `POST /api/jobs/complete` (one Raft
 //!   entry), so a busy worker reports many results per round trip while a
-//!   lone result still leaves at once. Why the slot is freed before the
+//!   lone result still leaves at once. Why the run slot is freed before the
 //!   report lands: otherwise every slot sits idle for a whole Raft commit
-//!   after each job, which halves the throughput of short jobs. The queue is
-//!   bounded by `capacity`, so when reports cannot get through, handlers
-//!   wait to enqueue, hold their slots, and the worker stops acquiring.
+//!   after each job, which halves the throughput of short jobs. When reports
+//!   cannot get through, the report slots run out, handlers wait for one
+//!   while holding their run slots, and the worker stops acquiring.
 //! - A job is in the `held` map (and so in every heartbeat, which extends its
 //!   lease) from its acquisition until its result is reported, released or
 //!   dropped; a drop guard, which travels with a queued result, removes it
@@ -251,6 +255,7 @@ impl WorkerBuilder {
                 poll_wait: self.poll_wait.min(Duration::from_secs_f64(jobsched_api::MAX_WAIT_SECONDS)),
                 drain_timeout: self.drain_timeout,
                 held: Mutex::new(HashMap::new()),
+                report_slots: Arc::new(Semaphore::new(self.capacity as usize)),
                 register_lock: tokio::sync::Mutex::new(()),
             }),
         })
@@ -307,6 +312,8 @@ impl Worker {
             let hb_stop = CancellationToken::new();
             let heartbeats = tokio::spawn(inner.clone().heartbeat_loop(hb_stop.clone()).in_current_span());
 
+            // The report slots bound the queue; the channel bound is only a
+            // backstop.
             let (report_tx, report_rx) = mpsc::channel(inner.capacity as usize);
             let reporter = tokio::spawn(inner.clone().report_loop(report_rx).in_current_span());
 
@@ -414,6 +421,8 @@ struct Inner {
     poll_wait: Duration,
     drain_timeout: Duration,
     held: Mutex<HashMap<Uuid, Arc<Held>>>,
+    /// Results waiting for the cluster's answer, at most `capacity`.
+    report_slots: Arc<Semaphore>,
     /// Serialises (re-)registrations from the acquire and heartbeat loops.
     register_lock: tokio::sync::Mutex<()>,
 }
@@ -427,6 +436,8 @@ struct Report {
     span: tracing::Span,
     /// Keeps the job in `held`, and so its lease extended, until reported.
     _guard: HeldGuard,
+    /// The report slot, freed once the report is answered (or dropped).
+    _slot: OwnedSemaphorePermit,
 }
 
 /// Removes a job from `held` when its task ends, however it ends; but only
@@ -675,11 +686,14 @@ impl Inner {
         let inner = self.clone();
         tasks.spawn(
             async move {
-                // The slot is held until the result is queued (or the run
-                // ends without one).
-                let _permit = permit;
+                // The run slot is held until the result has a report slot
+                // (or the run ends without a result).
+                let run_slot = permit;
                 let Some(result) = inner.run_job(job, &held).await else { return };
+                let Ok(report_slot) = inner.report_slots.clone().acquire_owned().await else { return };
+                drop(run_slot);
                 let report = Report {
+                    _slot: report_slot,
                     job_id: guard.job_id,
                     req: inner.completion(&held, result),
                     held,
