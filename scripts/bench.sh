@@ -420,7 +420,9 @@ def compare_block():
     out.append("| jobsched, other modes | figure |")
     out.append("|---|---:|")
     if e2e:
-        out.append(f"| e2e: {e2e.get('submitters')} submitters + {e2e.get('slots')} worker slots over HTTP, completed jobs/s "
+        how = ("a slot is free when its instant handler returns; each worker's reporter sends the waiting results in one batched call"
+               if e2e.get("pipelinedReport") else "each slot held until its completion is acknowledged")
+        out.append(f"| e2e: {e2e.get('submitters')} submitters + {e2e.get('slots')} worker slots over HTTP ({how}), completed jobs/s "
                    f"| {f0(e2e.get('completedPerSecond'))} ({ratio(e2e.get('completedPerSecond'), e64.get('perSecond'))} of etcd's puts/s at 64) |")
     if pk:
         out.append(f"| pickup: submit acknowledged -> idle long-polling worker's acquire returns, p50 / p90 / p99 ms "

@@ -434,3 +434,18 @@ async fn hinted_scans_match_the_reference_store() {
     let reference: Vec<(Vec<u8>, Vec<u8>)> = check.map.into_iter().collect();
     assert_eq!(stored, reference);
 }
+
+/// A scan whose seek key lies past every key of its prefix (the hint of a
+/// prefix known empty is the prefix's end) is answered without an iterator;
+/// any seek inside the prefix is not.
+#[test]
+fn only_seeks_past_the_prefix_skip_the_iterator() {
+    use super::state_machine::seeks_past;
+    assert!(seeks_past(b"d", b"e"));
+    assert!(seeks_past(b"d", b"e\x00"));
+    assert!(!seeks_past(b"d", b"d"));
+    assert!(!seeks_past(b"d", b"d\xff\xff"));
+    assert!(!seeks_past(b"t\x00\x05email", b"t\x00\x05email\x01"));
+    assert!(seeks_past(b"t\x00\x05email", b"t\x00\x05emaim"));
+    assert!(!seeks_past(b"d", b"c"));
+}
