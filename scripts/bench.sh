@@ -246,7 +246,8 @@ def sh(c):
 print(json.dumps({
     "date": sh("date -u '+%Y-%m-%d %H:%M UTC'"), "cpu": cpu, "cores": os.cpu_count(), "memMiB": mem,
     "kernel": platform.release(), "disk": " ".join(sh("df -h --output=source,fstype " + sys.argv[1] + " | tail -1").split()),
-    "commit": sh("git rev-parse --short HEAD") + (" (with uncommitted changes)" if sh("git status --porcelain --untracked-files=no") else ""),
+    # The compare step rewrites docs/benchmarks.md before scale runs: not a code change.
+    "commit": sh("git rev-parse --short HEAD") + (" (with uncommitted changes)" if sh("git status --porcelain --untracked-files=no -- . ':!docs/benchmarks.md'") else ""),
     "etcd": sh("etcd --version | head -1"), "rustc": sh("rustc --version"),
 }))
 EOF
@@ -355,6 +356,10 @@ def rows(name):
 def by_tag(rs):
     return {r.get("tag"): r for r in rs}
 
+def etcd_version():
+    import subprocess
+    try: return subprocess.run("etcd --version | head -1", shell=True, capture_output=True, text=True).stdout.strip() or "?"
+    except Exception: return "?"
 def f0(x): return "-" if x is None else f"{x:,.0f}"
 def f2(x): return "-" if x is None else f"{x:.2f}"
 def ratio(a, b): return "-" if not a or not b else f"{a / b:.2f}x"
@@ -370,7 +375,8 @@ def header(extra_load):
         f"- **Date**: {m.get('date', '?')}; commit {m.get('commit', '?')}",
         f"- **Machine**: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('memMiB', 0) // 1024} GiB RAM, "
         f"kernel {m.get('kernel', '?')}, data on {m.get('disk', '?')}",
-        f"- **Software**: {m.get('rustc', '?')}; {m.get('etcd', '?')} (Debian etcd-server)",
+        # On a fresh machine etcd is installed after machine.json was written.
+        f"- **Software**: {m.get('rustc', '?')}; {m.get('etcd') or etcd_version()} (Debian etcd-server)",
         f"- **Command**: `{cmd}`",
     ]
     if extra_load:
