@@ -155,9 +155,14 @@ mod stub {
     }
 }
 
-/// Runs an echo worker of capacity 8 against `stub` until every one of the
-/// 8 handed-out jobs has been reported by some call; returns the calls.
-async fn run_against(stub: stub::Stub) -> (Vec<(Uuid, u64)>, Vec<Vec<(Uuid, u64)>>, Vec<(Uuid, u64)>) {
+/// Runs an echo worker of capacity 8 against a stub that answers batched
+/// reports with `batch_status` and single ones after 300 ms, until every
+/// one of the 8 handed-out jobs has been reported by some call; returns the
+/// jobs, the batched calls and the single calls.
+async fn run_against(
+    batch_status: axum::http::StatusCode,
+) -> (Vec<(Uuid, u64)>, Vec<Vec<(Uuid, u64)>>, Vec<(Uuid, u64)>) {
+    let stub = stub::Stub { calls: Default::default(), batch_status, single_delay: Duration::from_millis(300) };
     let jobs: Vec<(Uuid, u64)> = (0..8).map(|i| (Uuid::new_v4(), 100 + i)).collect();
     stub.calls.lock().unwrap().to_hand_out = jobs.iter().copied().collect();
     let url = stub::start(stub.clone()).await;
@@ -188,16 +193,11 @@ async fn run_against(stub: stub::Stub) -> (Vec<(Uuid, u64)>, Vec<Vec<(Uuid, u64)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_that_finish_together_are_reported_in_one_call() {
     // Steps: the stub hands 8 jobs to an echo worker of capacity 8 in one
-    // acquire and answers single reports after 300 ms; the first result
-    // leaves alone (nothing else is queued yet), the others queue behind it
-    // and leave together in one batched call. Every job is reported exactly
-    // once, with its own fencing token.
-    let stub = stub::Stub {
-        calls: Default::default(),
-        batch_status: axum::http::StatusCode::OK,
-        single_delay: Duration::from_millis(300),
-    };
-    let (jobs, batches, singles) = run_against(stub).await;
+    // acquire and answers single reports after 300 ms; results that finish
+    // while a report is on its way (or before the reporter wakes) leave
+    // together in one batched call. Every job is reported exactly once, with
+    // its own fencing token.
+    let (jobs, batches, singles) = run_against(axum::http::StatusCode::OK).await;
     assert!(batches.iter().any(|b| b.len() > 1), "no batched report: batches {batches:?}, singles {singles:?}");
     let mut all: Vec<(Uuid, u64)> = batches.into_iter().flatten().chain(singles).collect();
     all.sort();
@@ -212,12 +212,7 @@ async fn a_batch_refused_as_a_whole_is_reported_one_by_one() {
     // (the body over the limit); each result of a refused batch is then
     // sent on its own and lands: every job reported once by a single call,
     // and each refused batch's jobs are among them.
-    let stub = stub::Stub {
-        calls: Default::default(),
-        batch_status: axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-        single_delay: Duration::from_millis(300),
-    };
-    let (jobs, batches, singles) = run_against(stub).await;
+    let (jobs, batches, singles) = run_against(axum::http::StatusCode::PAYLOAD_TOO_LARGE).await;
     assert!(!batches.is_empty(), "no batched report was tried: singles {singles:?}");
     let mut singles_sorted = singles.clone();
     singles_sorted.sort();
