@@ -312,8 +312,8 @@ pub async fn e2e(
             // As in the SDK: at most `slots` results wait for their report's
             // answer (each holds a report slot), so a slow reporter holds the
             // acquire loop back instead of piling up leased jobs.
-            let report_slots = Arc::new(tokio::sync::Semaphore::new(slots as usize));
             let (report_tx, reporter) = if reporting.pipelined {
+                let report_slots = Arc::new(tokio::sync::Semaphore::new(slots as usize));
                 let (tx, rx) = tokio::sync::mpsc::channel::<Finished>(slots as usize);
                 let reporter = tokio::spawn(report_loop(
                     http.clone(),
@@ -323,7 +323,7 @@ pub async fn e2e(
                     measuring.clone(),
                     completed.clone(),
                 ));
-                (Some(tx), Some(reporter))
+                (Some((tx, report_slots)), Some(reporter))
             } else {
                 (None, None)
             };
@@ -335,7 +335,7 @@ pub async fn e2e(
                 let Ok(acq) = serde_json::from_slice::<Acquired>(&answer) else { continue };
                 // Each acquired job's handler returns at once.
                 match &report_tx {
-                    Some(tx) => {
+                    Some((tx, report_slots)) => {
                         for job in acq.jobs {
                             let Ok(slot) = report_slots.clone().acquire_owned().await else { break };
                             if tx.send((job, slot)).await.is_err() {

@@ -429,13 +429,13 @@ struct Inner {
 
 /// A finished attempt waiting for the reporter.
 struct Report {
-    job_id: Uuid,
     held: Arc<Held>,
     req: CompleteRequest,
     /// The job's span, so that the report's log lines carry its fields.
     span: tracing::Span,
-    /// Keeps the job in `held`, and so its lease extended, until reported.
-    _guard: HeldGuard,
+    /// Names the job, and keeps it in `held` (so its lease is extended)
+    /// until reported.
+    guard: HeldGuard,
     /// The report slot, freed once the report is answered (or dropped).
     _slot: OwnedSemaphorePermit,
 }
@@ -694,11 +694,10 @@ impl Inner {
                 drop(run_slot);
                 let report = Report {
                     _slot: report_slot,
-                    job_id: guard.job_id,
                     req: inner.completion(&held, result),
                     held,
                     span: tracing::Span::current(),
-                    _guard: guard,
+                    guard,
                 };
                 if report_tx.send(report).await.is_err() {
                     error!("the reporter has stopped; result dropped");
@@ -808,7 +807,10 @@ impl Inner {
             return self.report_each(batch).await;
         }
         let req = BatchCompleteRequest {
-            completions: batch.iter().map(|r| CompletionItem { job_id: r.job_id, completion: r.req.clone() }).collect(),
+            completions: batch
+                .iter()
+                .map(|r| CompletionItem { job_id: r.guard.job_id, completion: r.req.clone() })
+                .collect(),
         };
         let resp = match self.client.with_retry_budget(CALL_BUDGET).complete_many(&req).await {
             Ok(resp) if resp.results.len() == batch.len() => resp,
@@ -844,7 +846,8 @@ impl Inner {
     }
 
     async fn report_each(&self, reports: Vec<Report>) {
-        let sends = reports.iter().map(|r| self.report(r.job_id, &r.held, r.req.clone()).instrument(r.span.clone()));
+        let sends =
+            reports.iter().map(|r| self.report(r.guard.job_id, &r.held, r.req.clone()).instrument(r.span.clone()));
         futures::future::join_all(sends).await;
     }
 
