@@ -22,6 +22,10 @@ use crate::node::SharedNode;
 
 /// Terminal jobs deleted per purge command.
 const PURGE_BATCH: u32 = 1000;
+/// Due leases looked at per monitor round; the rest wait for the next round.
+/// Bounds the round's work when a mass of leases lapses at once (and when a
+/// new leader's grace keeps due leases alive, which are looked at again).
+const EXPIRY_SCAN_MAX: usize = 10_000;
 
 pub async fn run_monitors(node: SharedNode, mut stop: watch::Receiver<bool>) {
     let interval = Duration::from_millis(node.config.monitor_interval_ms);
@@ -81,7 +85,8 @@ pub fn plan(node: &SharedNode, now: i64, since: i64) -> Result<Vec<Command>, job
                 cmds.push(Command::MarkWorkerDead { worker_id: w.id, last_heartbeat_at: w.last_heartbeat_at });
             }
         }
-        for job in r.running_jobs()? {
+        // Only leases already past their own expiry can be past the grace.
+        for job in r.leases_due_by(now, EXPIRY_SCAN_MAX)? {
             if let Some(lease) = &job.lease {
                 let effective = lease.expires_at.max(since + lease.duration_ms as i64);
                 if effective <= now {

@@ -13,6 +13,7 @@
 //! | `t` | type len (u16), type, inv priority, seq | job id (ready, by type) |
 //! | `d` | ready_at, seq                         | job id (Pending/Failed not yet due) |
 //! | `f` | completed_at, seq                     | job id (terminal, for retention) |
+//! | `e` | lease expires_at, seq                 | job id (Running, for lease expiry) |
 //! | `r` | request id                            | job id (idempotent submit) |
 //! | `w` | worker id                             | [`crate::Worker`]     |
 //! | `m` | name                                  | meta (clock, next seq) |
@@ -36,6 +37,7 @@ pub const READY_ANY: u8 = b'q';
 pub const READY_TYPE: u8 = b't';
 pub const DELAYED: u8 = b'd';
 pub const FINISHED: u8 = b'f';
+pub const LEASE_EXPIRY: u8 = b'e';
 pub const REQUEST: u8 = b'r';
 pub const WORKER: u8 = b'w';
 pub const META: u8 = b'm';
@@ -117,6 +119,20 @@ pub fn finished(completed_at: Millis, seq: u64) -> Vec<u8> {
     k.extend_from_slice(&seq.to_be_bytes());
     k
 }
+
+pub fn lease_expiry(expires_at: Millis, seq: u64) -> Vec<u8> {
+    let mut k = vec![LEASE_EXPIRY];
+    k.extend_from_slice(&time_bytes(expires_at));
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Prefixes that readers scan from their front but that the apply path
+/// does not scan on its own (the leader's lease-expiry and retention checks).
+/// The store refreshes their scan hints from the apply path now and then, so
+/// that those reads skip the tombstones every finished lease leaves at the
+/// front of the lease index (see `scan_hints` in the raft crate).
+pub const READER_FRONT_SCANS: &[&[u8]] = &[&[LEASE_EXPIRY], &[FINISHED]];
 
 pub fn request(request_id: &str) -> Vec<u8> {
     let mut k = vec![REQUEST];

@@ -80,7 +80,8 @@ enum Placement {
     Ready,
     Delayed,
     Finished,
-    None,
+    /// Running: in the lease-expiry index, at its lease's expiry.
+    Leased,
 }
 
 impl State<'_, '_> {
@@ -118,7 +119,7 @@ impl State<'_, '_> {
             JobStatus::Pending if job.ready_at <= self.clock => Placement::Ready,
             JobStatus::Pending | JobStatus::Failed => Placement::Delayed,
             JobStatus::Completed | JobStatus::Dead => Placement::Finished,
-            JobStatus::Running => Placement::None,
+            JobStatus::Running => Placement::Leased,
         }
     }
 
@@ -130,7 +131,8 @@ impl State<'_, '_> {
             ],
             Placement::Delayed => vec![keys::delayed(job.ready_at, job.seq)],
             Placement::Finished => vec![keys::finished(job.completed_at.unwrap_or(job.updated_at), job.seq)],
-            Placement::None => vec![],
+            // A Running job always holds a lease (only acquire makes one Running).
+            Placement::Leased => job.lease.iter().map(|l| keys::lease_expiry(l.expires_at, job.seq)).collect(),
         }
     }
 
@@ -634,13 +636,42 @@ impl<'a, K: KvRead + ?Sized> Reader<'a, K> {
         self.kv.scan(&[keys::WORKER], &[keys::WORKER], usize::MAX)?.into_iter().map(|(_, v)| decode(&v)).collect()
     }
 
-    /// Every Running job (bounded by the workers' total capacity).
+    /// Every Running job (bounded by the workers' total capacity), earliest
+    /// lease expiry first.
     pub fn running_jobs(&self) -> Result<Vec<Job>, KvError> {
-        let prefix = keys::status_prefix(JobStatus::Running);
+        let prefix = [keys::LEASE_EXPIRY];
         let mut out = Vec::new();
         for (_, v) in self.kv.scan(&prefix, &prefix, usize::MAX)? {
             let id = keys::id_from_value(&v)?;
             out.extend(self.job(id)?);
+        }
+        Ok(out)
+    }
+
+    /// Running jobs whose lease expires at or before `now`, earliest first,
+    /// at most `max`. Reads only the due part of the lease-expiry index, so
+    /// the leader's once-a-second check costs nothing per healthy lease.
+    pub fn leases_due_by(&self, now: Millis, max: usize) -> Result<Vec<Job>, KvError> {
+        const PAGE: usize = 64;
+        let prefix = [keys::LEASE_EXPIRY];
+        let mut start = prefix.to_vec();
+        let mut out = Vec::new();
+        while out.len() < max {
+            let page = self.kv.scan(&prefix, &start, PAGE.min(max - out.len()))?;
+            let full = page.len() == PAGE.min(max - out.len());
+            for (k, v) in page {
+                if keys::time_from_bytes(&k[1..9]) > now {
+                    return Ok(out);
+                }
+                let id = keys::id_from_value(&v)?;
+                out.push(self.job(id)?.ok_or_else(|| KvError(format!("lease index points at missing job {id}")))?);
+                start.clear();
+                start.extend_from_slice(&k);
+                start.push(0);
+            }
+            if !full {
+                break;
+            }
         }
         Ok(out)
     }

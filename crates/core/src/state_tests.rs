@@ -187,6 +187,42 @@ fn lease_expiry_respects_heartbeat_extension() {
 }
 
 #[test]
+fn lease_index_yields_only_due_leases_earliest_first() {
+    let mut sm = Sm::new();
+    sm.one(0, register(100, &[]));
+    for n in 1..=3 {
+        sm.one(0, submit(n, "a", 0, 0));
+    }
+    // 10 s leases taken at 1 s, 2 s and 3 s: they run to 11 s, 12 s, 13 s.
+    let mut tokens = Vec::new();
+    for t in 1..=3 {
+        tokens.push(acquired(sm.one(t * 1000, acquire(100, 1)))[0].lease.as_ref().unwrap().fencing_token);
+    }
+    let due = |sm: &Sm, now: i64, max: usize| -> Vec<Uuid> {
+        Reader::new(&sm.kv).leases_due_by(now, max).unwrap().iter().map(|j| j.id).collect()
+    };
+    assert!(due(&sm, 10_999, 100).is_empty());
+    assert_eq!(due(&sm, 12_000, 100), vec![id(1), id(2)]);
+    assert_eq!(due(&sm, 60_000, 1), vec![id(1)]);
+    // A heartbeat for job 1 at 5 s moves its expiry to 15 s; completing job 2
+    // takes it out of the index.
+    sm.one(5_000, Command::Heartbeat { worker_id: id(100), jobs: Some(vec![(id(1), tokens[0])]) });
+    sm.one(
+        5_000,
+        Command::CompleteJob {
+            job_id: id(2),
+            fencing_token: tokens[1],
+            report: CompletionReport::Succeeded { result: None },
+        },
+    );
+    assert_eq!(due(&sm, 13_000, 100), vec![id(3)]);
+    assert_eq!(due(&sm, 60_000, 100), vec![id(3), id(1)]);
+    let running: Vec<Uuid> = Reader::new(&sm.kv).running_jobs().unwrap().iter().map(|j| j.id).collect();
+    assert_eq!(running, vec![id(3), id(1)]);
+    check_indexes(&sm.kv);
+}
+
+#[test]
 fn heartbeat_revokes_jobs_not_held() {
     let mut sm = Sm::new();
     sm.one(0, register(100, &[]));
@@ -347,7 +383,10 @@ fn check_indexes(kv: &MemKv) {
             JobStatus::Completed | JobStatus::Dead => {
                 expected.insert(keys::finished(j.completed_at.unwrap(), j.seq), j.id);
             }
-            JobStatus::Running => assert!(j.lease.is_some()),
+            JobStatus::Running => {
+                let lease = j.lease.as_ref().expect("a Running job holds a lease");
+                expected.insert(keys::lease_expiry(lease.expires_at, j.seq), j.id);
+            }
         }
         assert!(j.attempt <= j.max_attempts(), "attempts exceed maxRetries + 1");
         assert_eq!(j.lease.is_some(), j.status == JobStatus::Running);

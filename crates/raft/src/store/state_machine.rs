@@ -30,7 +30,7 @@ use std::io::{BufReader, BufWriter, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use jobsched_core::{KvError, KvRead, Overlay};
 use openraft::storage::RaftStateMachine;
@@ -61,6 +61,9 @@ const INSTALL_BATCH_BYTES: usize = 4 << 20;
 const INSTALLING: &str = "a snapshot install is in progress on this node; retry later";
 /// Abandoned receive files kept before the oldest is removed.
 const MAX_RECEIVING: usize = 4;
+/// How often the apply path re-learns the hints of the prefixes that only
+/// readers scan from their front (`jobsched_core::keys::READER_FRONT_SCANS`).
+const READER_HINT_REFRESH: Duration = Duration::from_secs(1);
 
 /// Written (synced) before an install wipes `sm`; cleared by its last batch.
 #[derive(Debug, Serialize, Deserialize)]
@@ -82,6 +85,8 @@ struct Shared {
     applied_tx: watch::Sender<u64>,
     /// Where live keys of scanned prefixes begin (apply path only).
     hints: Mutex<ScanHints>,
+    /// When the apply path last refreshed the readers' front-scan hints.
+    reader_hints_at: Mutex<Option<Instant>>,
 }
 
 impl Shared {
@@ -98,6 +103,32 @@ impl Shared {
             g.clear();
             g
         })
+    }
+
+    /// Re-learn, at most once per [`READER_HINT_REFRESH`], where the live
+    /// keys of the prefixes only readers scan from the front begin. Call on
+    /// the apply path only, after a commit (it learns from the live state).
+    ///
+    /// Why: the leader checks the lease-expiry index every second from its
+    /// front, and every lease that ended (completed, extended) left a
+    /// tombstone there; after a million finished jobs that check walked a
+    /// million tombstones. The apply path never scans that prefix by itself,
+    /// so nothing else would move its hint. One short scan a second, from the
+    /// previous hint, only steps over the tombstones made since.
+    fn refresh_reader_hints(&self, db: &DB, sm: &ColumnFamily) -> Result<(), KvError> {
+        {
+            let mut at = self.reader_hints_at.lock().unwrap_or_else(|p| p.into_inner());
+            if at.is_some_and(|t| t.elapsed() < READER_HINT_REFRESH) {
+                return Ok(());
+            }
+            *at = Some(Instant::now());
+        }
+        let applied = *self.applied_tx.borrow();
+        let kv = DbKv { db, cf: sm, shared: self, learn_at: Some(applied) };
+        for prefix in jobsched_core::keys::READER_FRONT_SCANS {
+            kv.scan(prefix, prefix, 1)?;
+        }
+        Ok(())
     }
 
     fn publish_applied(&self, index: Option<u64>) {
@@ -611,6 +642,10 @@ fn apply_entries(shared: &Shared, entries: Vec<Entry>) -> Result<Vec<BatchRespon
         db.write_opt(batch, &unsynced()).map_err(|e| io(e.into()))?;
         shared.publish_applied(last.map(|l| l.index));
     }
+    // Hints are only an optimisation: a failed refresh must not fail the apply.
+    if let Err(e) = shared.refresh_reader_hints(db, sm) {
+        tracing::warn!("refreshing scan hints failed: {e}");
+    }
     Ok(out)
 }
 
@@ -648,6 +683,7 @@ impl StateMachineStore {
             snapshot_lock: Mutex::new(()),
             applied_tx,
             hints: Mutex::new(ScanHints::default()),
+            reader_hints_at: Mutex::new(None),
         });
         let keep = current.map(|m| snapshot_file_name(&m.snapshot_id));
         shared.remove_snapshots_except(keep.as_deref(), true)?;
