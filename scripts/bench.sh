@@ -375,8 +375,10 @@ def header(extra_load):
         f"- **Date**: {m.get('date', '?')}; commit {m.get('commit', '?')}",
         f"- **Machine**: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('memMiB', 0) // 1024} GiB RAM, "
         f"kernel {m.get('kernel', '?')}, data on {m.get('disk', '?')}",
-        # On a fresh machine etcd is installed after machine.json was written.
-        f"- **Software**: {m.get('rustc', '?')}; {m.get('etcd') or etcd_version()} (Debian etcd-server)",
+        # On a fresh machine etcd is installed after machine.json was written;
+        # the scale run does not use etcd at all.
+        f"- **Software**: {m.get('rustc', '?')}"
+        + ("" if what == "scale" else f"; {m.get('etcd') or etcd_version()} (Debian etcd-server)"),
         f"- **Command**: `{cmd}`",
     ]
     if extra_load:
