@@ -238,6 +238,7 @@ async fn report_loop(
     batched: bool,
     measuring: Arc<AtomicBool>,
     completed: Arc<AtomicU64>,
+    report_calls: Arc<AtomicU64>,
 ) {
     let mut ready = Vec::new();
     while rx.recv_many(&mut ready, jobsched_api::MAX_BATCH_ITEMS).await > 0 {
@@ -246,6 +247,7 @@ async fn report_loop(
         let done = complete_jobs(&http, &base, &jobs, batched).await.unwrap_or(0);
         if measuring.load(Ordering::Relaxed) {
             completed.fetch_add(done, Ordering::Relaxed);
+            report_calls.fetch_add(if batched { 1 } else { jobs.len() as u64 }, Ordering::Relaxed);
         }
     }
 }
@@ -301,11 +303,15 @@ pub async fn e2e(
     let measuring = Arc::new(AtomicBool::new(false));
     let completed = Arc::new(AtomicU64::new(0));
     let submitted = Arc::new(AtomicU64::new(0));
+    // Calls per completed job: how well acquires and reports are batched.
+    let acquire_calls = Arc::new(AtomicU64::new(0));
+    let report_calls = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for w in 0..workers {
         let base = nodes[w % nodes.len()].clone();
         let worker_id = register(http, &base, &format!("bench-e2e-{w}"), slots, &job_type).await?;
         let (http, stop, measuring, completed) = (http.clone(), stop.clone(), measuring.clone(), completed.clone());
+        let (acquire_calls, report_calls) = (acquire_calls.clone(), report_calls.clone());
         tasks.push(tokio::spawn(async move {
             let url = format!("{base}/api/jobs/acquire");
             let body = format!(r#"{{"workerId":"{worker_id}","maxJobs":{slots},"waitSeconds":1,"leaseSeconds":60}}"#);
@@ -322,6 +328,7 @@ pub async fn e2e(
                     reporting.batched,
                     measuring.clone(),
                     completed.clone(),
+                    report_calls.clone(),
                 ));
                 (Some((tx, report_slots)), Some(reporter))
             } else {
@@ -333,6 +340,9 @@ pub async fn e2e(
                     continue;
                 };
                 let Ok(acq) = serde_json::from_slice::<Acquired>(&answer) else { continue };
+                if measuring.load(Ordering::Relaxed) {
+                    acquire_calls.fetch_add(1, Ordering::Relaxed);
+                }
                 // Each acquired job's handler returns at once.
                 match &report_tx {
                     Some((tx, report_slots)) => {
@@ -347,6 +357,8 @@ pub async fn e2e(
                         let done = complete_jobs(&http, &base, &acq.jobs, reporting.batched).await.unwrap_or(0);
                         if measuring.load(Ordering::Relaxed) {
                             completed.fetch_add(done, Ordering::Relaxed);
+                            let calls = if reporting.batched { 1 } else { acq.jobs.len() as u64 };
+                            report_calls.fetch_add(calls, Ordering::Relaxed);
                         }
                     }
                 }
@@ -386,16 +398,21 @@ pub async fn e2e(
         let _ = t.await;
     }
     let (done, sub) = (completed.load(Ordering::Relaxed) as f64, submitted.load(Ordering::Relaxed) as f64);
+    let per_job = |calls: &AtomicU64| if done > 0.0 { calls.load(Ordering::Relaxed) as f64 / done } else { 0.0 };
+    let (acquires_per_job, reports_per_job) = (per_job(&acquire_calls), per_job(&report_calls));
     println!(
-        "e2e submitters={submitters} slots={} completed {:>8.0}/s  submitted {:>8.0}/s",
+        "e2e submitters={submitters} slots={} completed {:>8.0}/s  submitted {:>8.0}/s  calls per job: acquire {:.2} report {:.2}",
         workers as u32 * slots,
         done / elapsed,
-        sub / elapsed
+        sub / elapsed,
+        acquires_per_job,
+        reports_per_job
     );
     Ok(json!({"mode": "e2e", "target": "jobsched", "submitters": submitters, "workers": workers,
               "slots": workers as u32 * slots, "batchedComplete": reporting.batched,
               "pipelinedReport": reporting.pipelined, "seconds": elapsed,
-              "completedPerSecond": done / elapsed, "submittedPerSecond": sub / elapsed}))
+              "completedPerSecond": done / elapsed, "submittedPerSecond": sub / elapsed,
+              "acquireCallsPerJob": acquires_per_job, "reportCallsPerJob": reports_per_job}))
 }
 
 pub async fn pickup(http: &reqwest::Client, nodes: &[String], samples: usize) -> Result<Value> {

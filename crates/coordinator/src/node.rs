@@ -88,6 +88,17 @@ impl Node {
         }
     }
 
+    /// Run queries against the live local state machine, without taking a
+    /// RocksDB snapshot: each read sees whole apply steps, but two reads may
+    /// straddle one (and during a snapshot install they may see part of it).
+    /// Only for checks whose answer is only a hint that `apply` re-checks,
+    /// such as "might a job be ready?" before proposing an acquire: those run
+    /// on every acquire call and every wake-up of a long poll, and the
+    /// snapshot and its two metadata reads cost as much as the check itself.
+    pub fn peek<R>(&self, f: impl FnOnce(Reader<'_, SmKv>) -> Result<R, KvError>) -> Result<R, ApiError> {
+        f(Reader::new(&self.sm)).map_err(|e| ApiError::Internal(e.to_string()))
+    }
+
     pub fn now(&self) -> i64 {
         (self.clock)()
     }

@@ -290,7 +290,7 @@ pub async fn acquire(
         // Sleep until an apply might have made a job ready, a delayed job
         // comes due, the wait ends, or the node stops.
         let now = node.now();
-        let next_due = node.read(|r| r.next_delayed_at())?;
+        let next_due = node.peek(|r| r.next_delayed_at())?;
         let mut wake = deadline;
         if let Some(due) = next_due {
             let in_ms = (due - now).max(1) as u64;
@@ -312,9 +312,10 @@ pub async fn acquire(
 }
 
 /// Is there (by this node's applied state) a ready job for this worker?
+/// A hint: the acquire's apply decides.
 fn may_have_work(node: &Node, worker_id: Uuid, job_types: &[String]) -> ApiResult<bool> {
     let now = node.now();
-    node.read(|r| {
+    node.peek(|r| {
         let types = if job_types.is_empty() {
             match r.worker(worker_id)? {
                 Some(w) => w.job_types,
@@ -328,7 +329,7 @@ fn may_have_work(node: &Node, worker_id: Uuid, job_types: &[String]) -> ApiResul
 }
 
 fn worker_known_active(node: &Node, worker_id: Uuid) -> ApiResult<bool> {
-    node.read(|r| Ok(r.worker(worker_id)?.is_some_and(|w| w.status == jobsched_core::WorkerStatus::Active)))
+    node.peek(|r| Ok(r.worker(worker_id)?.is_some_and(|w| w.status == jobsched_core::WorkerStatus::Active)))
 }
 
 #[utoipa::path(post, path = "/api/jobs/{id}/complete", request_body = CompleteRequest, params(("id" = String, Path)),
