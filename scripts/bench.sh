@@ -282,6 +282,8 @@ compare() {
     bench "ours-submit-c$c" --coordinators "$urls" submit -c "$c" -d "$DURATION"
   done
   bench "ours-e2e-c64" --coordinators "$urls" e2e -c 64 --workers 8 --slots 8 -d "$DURATION"
+  # Twice the slots: shows whether the 64 slots or the cluster set the pace.
+  bench "ours-e2e-c64-s128" --coordinators "$urls" e2e -c 64 --workers 8 --slots 16 -d "$DURATION"
   bench "ours-pickup" --coordinators "$urls" pickup -n 200
   bench "ours-batch-c16" --coordinators "$urls" submit -c 16 --batch 100 -d "$DURATION"
   stop_ours "$BENCH_DIR/ours"
@@ -432,6 +434,11 @@ def compare_block():
                if e2e.get("pipelinedReport") else "each slot held until its completion is acknowledged")
         out.append(f"| e2e: {e2e.get('submitters')} submitters + {e2e.get('slots')} worker slots over HTTP ({how}), completed jobs/s "
                    f"| {f0(e2e.get('completedPerSecond'))} ({ratio(e2e.get('completedPerSecond'), e64.get('perSecond'))} of etcd's puts/s at 64) |")
+        for r in (e2e, t.get("ours-e2e-c64-s128", {})):
+            if r.get("acquireCallsPerJob") is not None:
+                out.append(f"| e2e with {r.get('slots')} slots: completed / submitted jobs/s; acquire and report calls per job "
+                           f"| {f0(r.get('completedPerSecond'))} / {f0(r.get('submittedPerSecond'))}; "
+                           f"{r.get('acquireCallsPerJob'):.2f} and {r.get('reportCallsPerJob'):.2f} |")
     if pk:
         out.append(f"| pickup: submit acknowledged -> idle long-polling worker's acquire returns, p50 / p90 / p99 ms "
                    f"| {f2(pk.get('fromAckP50Ms'))} / {f2(pk.get('fromAckP90Ms'))} / {f2(pk.get('fromAckP99Ms'))} |")
