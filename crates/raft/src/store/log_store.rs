@@ -33,6 +33,14 @@ use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_LAST_PURGED: &[u8] = b"last_purged";
+/// Stored bytes of log entries one append RPC carries at most (it always
+/// carries at least one entry). Why: openraft 0.9 caps an append only by
+/// entry count (256), and an append must be answered within the heartbeat
+/// interval (100 ms by default), follower fsync included. Entries of batch
+/// submits hold up to 1,000 jobs each, so 256 of them (tens of MB) could
+/// never make it in time: the follower was reported unreachable again and
+/// again and fell behind (seen during a 1M-job preload on a loaded box).
+pub(crate) const MAX_APPEND_BYTES: usize = 1 << 20;
 
 /// The node's Raft log (cheap to clone; clones share the database and the
 /// WAL syncer).
@@ -139,8 +147,11 @@ impl LogStore {
         Ok(self.last_entry_id()?.or(last_purged))
     }
 
-    fn read_range(&self, start: u64, end: Option<u64>) -> Result<Vec<Entry>, StoreError> {
+    /// Entries `[start, end)`; with `max_bytes`, stop once the stored bytes
+    /// read reach it (after at least one entry).
+    fn read_range(&self, start: u64, end: Option<u64>, max_bytes: Option<usize>) -> Result<Vec<Entry>, StoreError> {
         let mut out = Vec::new();
+        let mut bytes = 0usize;
         if end.is_some_and(|e| e <= start) {
             return Ok(out);
         }
@@ -156,6 +167,10 @@ impl LogStore {
                 return Err(StoreError::Corrupt(format!("log key {idx} holds entry {}", entry.log_id.index)));
             }
             out.push(entry);
+            bytes += v.len();
+            if max_bytes.is_some_and(|m| bytes >= m) {
+                break;
+            }
             it.next();
         }
         it.status()?;
@@ -200,7 +215,12 @@ impl RaftLogReader<TypeConfig> for LogStore {
         // Reads hit the memtable or block cache in the common case (recent
         // entries for replication) and are done inline.
         let (start, end) = bounds(&range);
-        self.read_range(start, end).map_err(|e| StorageIOError::read_logs(e.any()).into())
+        self.read_range(start, end, None).map_err(|e| StorageIOError::read_logs(e.any()).into())
+    }
+
+    /// What one append RPC sends: at most [`MAX_APPEND_BYTES`] of entries.
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, StorageError> {
+        self.read_range(start, Some(end), Some(MAX_APPEND_BYTES)).map_err(|e| StorageIOError::read_logs(e.any()).into())
     }
 }
 

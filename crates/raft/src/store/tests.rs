@@ -105,6 +105,44 @@ async fn log_and_vote_survive_reopen() {
     assert_eq!(log.try_get_log_entries(3..=5).await.unwrap().len(), 3);
 }
 
+/// An append RPC carries at most `MAX_APPEND_BYTES` of entries (at least
+/// one, however big), in order and without gaps; plain reads are not cut.
+#[tokio::test]
+async fn append_reads_are_capped_by_bytes() {
+    use super::log_store::MAX_APPEND_BYTES;
+    let dir = TempDir::new().unwrap();
+    let (mut log, _sm) = open_stores(dir.path()).unwrap();
+    // 10 entries of ~300 KiB each (a batch submit's worth of payload).
+    let big = |index: u64| {
+        let mut e = submit_entry(index, u128::from(index));
+        if let EntryPayload::Normal(b) = &mut e.payload {
+            if let Command::SubmitJob { spec, .. } = &mut b.commands[0] {
+                spec.payload = "x".repeat(300 << 10);
+            }
+        }
+        e
+    };
+    let entries: Vec<Entry> = (1..=10).map(big).collect();
+    log.blocking_append(entries.clone()).await.unwrap();
+    let first = log.limited_get_log_entries(1, 11).await.unwrap();
+    let per_entry = 300 << 10;
+    assert_eq!(first.len(), MAX_APPEND_BYTES.div_ceil(per_entry), "stops once the cap is reached");
+    assert_eq!(first, entries[..first.len()].to_vec());
+    let next = first.len() as u64 + 1;
+    let rest = log.limited_get_log_entries(next, 11).await.unwrap();
+    assert_eq!(rest.first().map(|e| e.log_id.index), Some(next));
+    // One entry larger than the cap still goes, alone.
+    let mut huge = big(11);
+    if let EntryPayload::Normal(b) = &mut huge.payload {
+        if let Command::SubmitJob { spec, .. } = &mut b.commands[0] {
+            spec.payload = "y".repeat(MAX_APPEND_BYTES + 1);
+        }
+    }
+    log.blocking_append(vec![huge.clone()]).await.unwrap();
+    assert_eq!(log.limited_get_log_entries(11, 12).await.unwrap(), vec![huge]);
+    assert_eq!(log.try_get_log_entries(1..12).await.unwrap().len(), 11);
+}
+
 #[tokio::test]
 async fn state_machine_survives_reopen() {
     let dir = TempDir::new().unwrap();
