@@ -315,12 +315,12 @@ pub async fn e2e(
         tasks.push(tokio::spawn(async move {
             let url = format!("{base}/api/jobs/acquire");
             let body = format!(r#"{{"workerId":"{worker_id}","maxJobs":{slots},"waitSeconds":1,"leaseSeconds":60}}"#);
-            // As in the SDK: at most `slots` results wait for their report's
-            // answer (each holds a report slot), so a slow reporter holds the
-            // acquire loop back instead of piling up leased jobs.
+            // As in the SDK: at most 2 x `slots` results wait for their
+            // report's answer (each holds a report slot), so a slow reporter
+            // holds the acquire loop back instead of piling up leased jobs.
             let (report_tx, reporter) = if reporting.pipelined {
-                let report_slots = Arc::new(tokio::sync::Semaphore::new(slots as usize));
-                let (tx, rx) = tokio::sync::mpsc::channel::<Finished>(slots as usize);
+                let report_slots = Arc::new(tokio::sync::Semaphore::new(2 * slots as usize));
+                let (tx, rx) = tokio::sync::mpsc::channel::<Finished>(2 * slots as usize);
                 let reporter = tokio::spawn(report_loop(
                     http.clone(),
                     base.clone(),

@@ -4,6 +4,8 @@
 //! retries, drain, the Python example) is tested against a real cluster of
 //! `jobsched-coordinator` processes in the workspace's `tests/workers.rs`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use jobsched_worker::{CancellationToken, WorkerConfig};
@@ -79,6 +81,14 @@ mod stub {
         /// Delay of every single-result answer, so that results pile up
         /// behind it.
         pub single_delay: Duration,
+        /// While set, report answers (batched or single) wait.
+        pub hold_reports: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    async fn while_held(s: &Stub) {
+        while s.hold_reports.load(std::sync::atomic::Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     fn job(id: Uuid, token: u64, status: &str) -> Value {
@@ -138,6 +148,7 @@ mod stub {
             .map(|i| (i["jobId"].as_str().unwrap().parse().unwrap(), i["fencingToken"].as_u64().unwrap()))
             .collect();
         s.calls.lock().unwrap().batches.push(items.clone());
+        while_held(&s).await;
         if s.batch_status != StatusCode::OK {
             let body = json!({"error": {"code": "payload_too_large", "message": "body over the limit"}});
             return (s.batch_status, Json(body));
@@ -149,6 +160,7 @@ mod stub {
 
     async fn complete_one(State(s): State<Stub>, Path(id): Path<Uuid>, Json(b): Json<Value>) -> Json<Value> {
         tokio::time::sleep(s.single_delay).await;
+        while_held(&s).await;
         let token = b["fencingToken"].as_u64().unwrap();
         s.calls.lock().unwrap().singles.push((id, token));
         Json(job(id, token, "Completed"))
@@ -162,7 +174,12 @@ mod stub {
 async fn run_against(
     batch_status: axum::http::StatusCode,
 ) -> (Vec<(Uuid, u64)>, Vec<Vec<(Uuid, u64)>>, Vec<(Uuid, u64)>) {
-    let stub = stub::Stub { calls: Default::default(), batch_status, single_delay: Duration::from_millis(300) };
+    let stub = stub::Stub {
+        calls: Default::default(),
+        batch_status,
+        single_delay: Duration::from_millis(300),
+        hold_reports: Default::default(),
+    };
     let jobs: Vec<(Uuid, u64)> = (0..8).map(|i| (Uuid::new_v4(), 100 + i)).collect();
     stub.calls.lock().unwrap().to_hand_out = jobs.iter().copied().collect();
     let url = stub::start(stub.clone()).await;
@@ -219,4 +236,48 @@ async fn a_batch_refused_as_a_whole_is_reported_one_by_one() {
     let mut want = jobs;
     want.sort();
     assert_eq!(singles_sorted, want, "each job reported exactly once by a single call");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unanswered_reports_bound_the_jobs_a_worker_takes() {
+    // Steps: the stub has 20 jobs and holds every report's answer (batched
+    // or single) until told. An echo worker of capacity 2 takes jobs until 2 x capacity
+    // results wait for an answer and its 2 handlers, done, wait for a report
+    // slot with their run slots held: exactly 3 x capacity = 6 jobs taken,
+    // and no more while the reports hang.
+    let stub = stub::Stub {
+        calls: Default::default(),
+        batch_status: axum::http::StatusCode::OK,
+        single_delay: Duration::ZERO,
+        hold_reports: Arc::new(AtomicBool::new(true)),
+    };
+    stub.calls.lock().unwrap().to_hand_out = (0..20).map(|i| (Uuid::new_v4(), 100 + i)).collect();
+    let url = stub::start(stub.clone()).await;
+    let worker = jobsched_worker::Worker::builder()
+        .coordinators([url])
+        .capacity(2)
+        .poll_wait(Duration::from_millis(200))
+        .request_timeout(Duration::from_secs(10))
+        .handler(jobsched_worker::builtin::EchoHandler)
+        .build()
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(worker.run(shutdown.clone()));
+    let taken = || 20 - stub.calls.lock().unwrap().to_hand_out.len();
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    while taken() < 6 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Give a would-be seventh acquire time to happen.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(taken(), 6, "jobs leased while every report hangs");
+    // Once the reports are answered, the worker goes on taking jobs.
+    stub.hold_reports.store(false, Ordering::Relaxed);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while taken() < 20 {
+        assert!(std::time::Instant::now() < deadline, "the worker did not resume: {} taken", taken());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), run).await.unwrap().unwrap().unwrap();
 }
