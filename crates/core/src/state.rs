@@ -21,8 +21,9 @@ use crate::Millis;
 /// How many delayed jobs one batch promotes at most; the rest follow in the
 /// next batches (the leader's monitors propose regularly).
 const PROMOTE_PER_BATCH: usize = 10_000;
-/// Delayed-index entries read at a time while promoting.
-const PROMOTE_PAGE: usize = 64;
+/// Index entries read at a time while looking for due ones (delayed jobs to
+/// promote, lapsed leases).
+const DUE_PAGE: usize = 64;
 
 /// Apply one Raft entry's batch at `log_index`. Writes go to `kv`; the caller
 /// commits them atomically with its last-applied marker.
@@ -190,14 +191,9 @@ impl State<'_, '_> {
         let mut start = prefix.to_vec();
         let mut promoted = 0;
         loop {
-            let page_len = PROMOTE_PAGE.min(PROMOTE_PER_BATCH - promoted);
-            let page = self.kv.scan(&prefix, &start, page_len)?;
-            let full = page.len() == page_len;
-            for (k, v) in page {
-                if keys::time_from_bytes(&k[1..9]) > self.clock {
-                    return Ok(());
-                }
-                let id = keys::id_from_value(&v)?;
+            let page_len = DUE_PAGE.min(PROMOTE_PER_BATCH - promoted);
+            let (page, more) = due_page(&*self.kv, &prefix, &mut start, self.clock, page_len)?;
+            for (k, id) in page {
                 let Some(old) = self.load_job(id)? else {
                     return Err(KvError(format!("delayed index points at missing job {id}")));
                 };
@@ -205,10 +201,6 @@ impl State<'_, '_> {
                 job.status = JobStatus::Pending;
                 // Placement of `old` is computed with the current clock, which would
                 // call a due Pending job Ready; remove its delayed key explicitly.
-                // The next page starts right after this key.
-                start.clear();
-                start.extend_from_slice(&k);
-                start.push(0);
                 self.kv.delete(k);
                 if old.status != job.status {
                     job.updated_at = self.clock;
@@ -216,7 +208,7 @@ impl State<'_, '_> {
                 self.save_job_promoted(&old, &job);
                 promoted += 1;
             }
-            if !full || promoted >= PROMOTE_PER_BATCH {
+            if !more || promoted >= PROMOTE_PER_BATCH {
                 return Ok(());
             }
         }
@@ -652,24 +644,15 @@ impl<'a, K: KvRead + ?Sized> Reader<'a, K> {
     /// at most `max`. Reads only the due part of the lease-expiry index, so
     /// the leader's once-a-second check costs nothing per healthy lease.
     pub fn leases_due_by(&self, now: Millis, max: usize) -> Result<Vec<Job>, KvError> {
-        const PAGE: usize = 64;
         let prefix = [keys::LEASE_EXPIRY];
         let mut start = prefix.to_vec();
         let mut out = Vec::new();
         while out.len() < max {
-            let page = self.kv.scan(&prefix, &start, PAGE.min(max - out.len()))?;
-            let full = page.len() == PAGE.min(max - out.len());
-            for (k, v) in page {
-                if keys::time_from_bytes(&k[1..9]) > now {
-                    return Ok(out);
-                }
-                let id = keys::id_from_value(&v)?;
+            let (page, more) = due_page(self.kv, &prefix, &mut start, now, DUE_PAGE.min(max - out.len()))?;
+            for (_, id) in page {
                 out.push(self.job(id)?.ok_or_else(|| KvError(format!("lease index points at missing job {id}")))?);
-                start.clear();
-                start.extend_from_slice(&k);
-                start.push(0);
             }
-            if !full {
+            if !more {
                 break;
             }
         }
@@ -740,6 +723,37 @@ impl<'a, K: KvRead + ?Sized> Reader<'a, K> {
         let prefix = keys::status_prefix(status);
         Ok(self.kv.scan(&prefix, &prefix, usize::MAX)?.len())
     }
+}
+
+/// Index keys with the job ids they point at.
+type DuePage = Vec<(Vec<u8>, Uuid)>;
+
+/// One page of a time-keyed index (tag, time, seq -> job id), read from
+/// `start`: the entries whose time is at or before `until`, at most
+/// `page_len`, with `start` moved just past the last one returned. The flag
+/// says whether more due entries may follow (the page was full and no
+/// entry after `until` was met). The delayed and lease-expiry indexes are
+/// read this way, in small pages, because only their front is ever due.
+fn due_page<K: KvRead + ?Sized>(
+    kv: &K,
+    prefix: &[u8],
+    start: &mut Vec<u8>,
+    until: Millis,
+    page_len: usize,
+) -> Result<(DuePage, bool), KvError> {
+    let rows = kv.scan(prefix, start, page_len)?;
+    let full = rows.len() == page_len;
+    let mut out = Vec::with_capacity(rows.len());
+    for (k, v) in rows {
+        if keys::time_from_bytes(&k[1..9]) > until {
+            return Ok((out, false));
+        }
+        start.clear();
+        start.extend_from_slice(&k);
+        start.push(0);
+        out.push((k, keys::id_from_value(&v)?));
+    }
+    Ok((out, full))
 }
 
 fn be_i64(v: &[u8]) -> i64 {

@@ -71,6 +71,9 @@ const CALL_BUDGET: Duration = Duration::from_secs(10);
 /// Retry budget of release and deregister during shutdown: bounded, because
 /// deregistration returns the jobs to Pending anyway.
 const SHUTDOWN_CALL_BUDGET: Duration = Duration::from_secs(5);
+/// Results awaiting the cluster's answer, in units of `capacity`: two
+/// reports' worth (see the module docs).
+const REPORT_ROUNDS: usize = 2;
 
 /// Everything that can stop [`Worker::run`] with an error.
 #[derive(Debug, thiserror::Error)]
@@ -260,7 +263,7 @@ impl WorkerBuilder {
                 poll_wait: self.poll_wait.min(Duration::from_secs_f64(jobsched_api::MAX_WAIT_SECONDS)),
                 drain_timeout: self.drain_timeout,
                 held: Mutex::new(HashMap::new()),
-                report_slots: Arc::new(Semaphore::new(2 * self.capacity as usize)),
+                report_slots: Arc::new(Semaphore::new(REPORT_ROUNDS * self.capacity as usize)),
                 register_lock: tokio::sync::Mutex::new(()),
             }),
         })
@@ -319,7 +322,7 @@ impl Worker {
 
             // The report slots bound the queue; the channel bound is only a
             // backstop.
-            let (report_tx, report_rx) = mpsc::channel(2 * inner.capacity as usize);
+            let (report_tx, report_rx) = mpsc::channel(REPORT_ROUNDS * inner.capacity as usize);
             let reporter = tokio::spawn(inner.clone().report_loop(report_rx).in_current_span());
 
             let mut tasks = JoinSet::new();

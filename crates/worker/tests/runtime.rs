@@ -167,6 +167,17 @@ mod stub {
     }
 }
 
+/// An echo worker of `capacity` against the stub at `url`.
+fn echo_worker(url: String, capacity: u32) -> jobsched_worker::Worker {
+    jobsched_worker::Worker::builder()
+        .coordinators([url])
+        .capacity(capacity)
+        .poll_wait(Duration::from_millis(200))
+        .handler(jobsched_worker::builtin::EchoHandler)
+        .build()
+        .unwrap()
+}
+
 /// Runs an echo worker of capacity 8 against a stub that answers batched
 /// reports with `batch_status` and single ones after 300 ms, until every
 /// one of the 8 handed-out jobs has been reported by some call; returns the
@@ -183,13 +194,7 @@ async fn run_against(
     let jobs: Vec<(Uuid, u64)> = (0..8).map(|i| (Uuid::new_v4(), 100 + i)).collect();
     stub.calls.lock().unwrap().to_hand_out = jobs.iter().copied().collect();
     let url = stub::start(stub.clone()).await;
-    let worker = jobsched_worker::Worker::builder()
-        .coordinators([url])
-        .capacity(8)
-        .poll_wait(Duration::from_millis(200))
-        .handler(jobsched_worker::builtin::EchoHandler)
-        .build()
-        .unwrap();
+    let worker = echo_worker(url, 8);
     let shutdown = CancellationToken::new();
     let run = tokio::spawn(worker.run(shutdown.clone()));
     let reported = |c: &stub::Calls| {
@@ -253,14 +258,7 @@ async fn unanswered_reports_bound_the_jobs_a_worker_takes() {
     };
     stub.calls.lock().unwrap().to_hand_out = (0..20).map(|i| (Uuid::new_v4(), 100 + i)).collect();
     let url = stub::start(stub.clone()).await;
-    let worker = jobsched_worker::Worker::builder()
-        .coordinators([url])
-        .capacity(2)
-        .poll_wait(Duration::from_millis(200))
-        .request_timeout(Duration::from_secs(10))
-        .handler(jobsched_worker::builtin::EchoHandler)
-        .build()
-        .unwrap();
+    let worker = echo_worker(url, 2);
     let shutdown = CancellationToken::new();
     let run = tokio::spawn(worker.run(shutdown.clone()));
     let taken = || 20 - stub.calls.lock().unwrap().to_hand_out.len();
