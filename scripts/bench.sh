@@ -26,6 +26,7 @@
 #   SKIP_BUILD=1        use the existing release binaries
 #   BIN=DIR             take the binaries from DIR (e.g. a debug build, for a dry run)
 #   NO_DOC=1            do not rewrite docs/benchmarks.md
+#   RUNTIME_THREADS=1   runtime_threads of each jobsched node (0: one per core)
 #
 # Everything started here is stopped on exit (trap), also on Ctrl-C.
 # docs/benchmarks.md keeps its hand-written parts: only the blocks between
@@ -99,12 +100,15 @@ start_ours() { # start_ours DIR
   for n in "${NODES[@]}"; do
     mkdir -p "$dir/node$n"
     # Default durability and defaults for everything else: only identity,
-    # addresses and the data directory are set here.
+    # addresses, the data directory and (as in config/nodeN.toml, because
+    # the three nodes share this machine's cores) one runtime thread per
+    # node are set here.
     cat >"$dir/node$n.toml" <<EOF
 node_id = $n
 listen = "127.0.0.1:$(our_port "$n")"
 data_dir = "$dir/node$n/data"
 peers = [ $peers]
+runtime_threads = ${RUNTIME_THREADS:-1}
 EOF
     "$BIN/jobsched-coordinator" --config "$dir/node$n.toml" </dev/null >>"$dir/node$n.log" 2>&1 &
     track $!

@@ -84,6 +84,7 @@ write_config() {
     echo "election_min_ms = 250"
     echo "election_max_ms = 400"
     echo "monitor_interval_ms = 1000"
+    echo "runtime_threads = 1"
   } >"$f"
 }
 pidfile() { echo "$RUN_DIR/$1.pid"; }

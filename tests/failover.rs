@@ -51,7 +51,10 @@ async fn cut_off_leader(propose_timeout_ms: u64) -> (Cluster, u64) {
 /// (stale reads after catch-up) and the state digests are equal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_kill_loses_no_acknowledged_job() {
-    let c = Cluster::start(Opts::default()).await;
+    // One runtime thread per node, as the local cluster (config/nodeN.toml)
+    // and the benchmarks run: failover must not depend on a second thread.
+    let opts = Opts { extra: vec![("runtime_threads".into(), "1".into())], ..Opts::default() };
+    let c = Cluster::start(opts).await;
     let leader = c.leader(Duration::from_secs(10)).await;
     let acked = Arc::new(tokio::sync::Mutex::new(Vec::<String>::new()));
     let stop = Arc::new(AtomicBool::new(false));

@@ -193,6 +193,11 @@ async fn main() -> Result<()> {
         .timeout(Duration::from_secs(30))
         .build()?;
     let nodes = &cli.coordinators;
+    // An empty or malformed list would make every request fail at once and
+    // the closed loop spin on errors instead of measuring anything.
+    if let Some(bad) = nodes.iter().find(|u| !(u.starts_with("http://") || u.starts_with("https://"))) {
+        anyhow::bail!("--coordinators: {bad:?} is not an http(s) URL");
+    }
     let mut figures = match &cli.mode {
         Mode::Submit { load, node, batch } => {
             modes::submit(&http, nodes, load.concurrency, load.duration, load.total, *node, *batch).await?

@@ -92,6 +92,15 @@ pub struct Config {
     /// node off from its peers while clients still reach it.
     #[serde(default)]
     pub outbound_bind: Option<IpAddr>,
+    /// Threads of the node's async runtime (HTTP, Raft, apply of small
+    /// entries). 0, the default, means one per CPU core. Why it is a knob:
+    /// when several nodes share a machine's cores (a local cluster, the
+    /// benchmarks), each extra runtime thread mostly adds wake-ups between
+    /// threads (futex, context switches) instead of parallelism; see
+    /// docs/benchmarks.md. Blocking work (fsync, big applies, snapshots)
+    /// runs on separate threads either way.
+    #[serde(default)]
+    pub runtime_threads: usize,
     /// Log format: "text" or "json". Default text.
     pub log_format: String,
     /// tracing filter, e.g. "info,openraft=warn". Default "info,openraft=warn".
@@ -124,6 +133,7 @@ impl Default for Config {
             relay_batching: true,
             pre_vote: true,
             outbound_bind: None,
+            runtime_threads: 0,
             log_format: "text".into(),
             log_filter: "info,openraft=warn".into(),
         }
@@ -173,7 +183,7 @@ pub enum Subcommand {
 }
 
 /// Config keys that may be set as `JOBSCHED_<KEY>` environment variables.
-const ENV_KEYS: [&str; 21] = [
+const ENV_KEYS: [&str; 22] = [
     "node_id",
     "listen",
     "advertise",
@@ -193,6 +203,7 @@ const ENV_KEYS: [&str; 21] = [
     "relay_batching",
     "pre_vote",
     "outbound_bind",
+    "runtime_threads",
     "log_format",
     "log_filter",
 ];
