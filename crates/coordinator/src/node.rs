@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use jobsched_core::{Batch, Command, Outcome};
 use jobsched_core::{KvError, KvRead, Reader};
 use jobsched_raft::{Raft, SmKv, TypeConfig};
@@ -364,6 +365,16 @@ pub async fn run_with_listener(
     let app = crate::http::router(node.clone());
     tracing::info!(node_id = node.id, addr = %node.addr, "coordinator listening");
     let mut server_stop = stop_rx.clone();
+    // TCP_NODELAY on every accepted connection (axum 0.8's `serve` leaves
+    // Nagle's algorithm on). Why: an answer written while the previous one
+    // on the same keep-alive connection is not yet acknowledged would wait
+    // for that ACK, and the peers' delayed ACKs hold it for milliseconds. Every
+    // Raft RPC, relay batch and API answer is a small request/response.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY on an accepted connection: {e}");
+        }
+    });
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         let _ = server_stop.wait_for(|s| *s).await;
     });
