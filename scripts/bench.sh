@@ -11,6 +11,17 @@
 #   scripts/bench.sh scale       1 thousand vs 1 million retained jobs: resident
 #                                memory per node and acquire throughput
 #   scripts/bench.sh all         compare, then scale
+#   scripts/bench.sh ab 'A:ENV=V ..' 'B:ENV=V ..' ...
+#                                A/B of node settings or builds: for each round
+#                                and each variant (label:environment, e.g.
+#                                'one:JOBSCHED_RUNTIME_THREADS=1' or
+#                                'new:BIN=/tmp/binB'), a fresh cluster, one
+#                                AB_MODE point, and the nodes' CPU per 1,000
+#                                jobs (utime+stime from /proc) and Raft entries
+#                                per job; variants alternate so drift in the
+#                                machine's load hits all of them alike.
+#                                AB_MODE=submit|e2e (submit), AB_C=64, ROUNDS=3,
+#                                AB_WORKERS=8 AB_SLOTS=8 (e2e: workers x slots each)
 #   scripts/bench.sh up          only start the jobsched cluster (for profiling by hand)
 #   scripts/bench.sh stop        stop what `up` or an interrupted run left running
 #
@@ -314,6 +325,62 @@ compare() {
   report compare
 }
 
+# CPU ticks (utime+stime) of the running nodes of DIR, summed.
+nodes_cpu_ticks() { # nodes_cpu_ticks DIR
+  local n sum=0
+  for n in "${NODES[@]}"; do
+    [ -f "$1/node$n.pid" ] || continue
+    sum=$((sum + $(awk '{print $14 + $15}' "/proc/$(cat "$1/node$n.pid")/stat")))
+  done
+  echo "$sum"
+}
+last_log_index() { curl -fs "http://127.0.0.1:$(our_port 1)/api/cluster" | python3 -c 'import json,sys; print(json.load(sys.stdin).get("lastLogIndex") or 0)'; }
+
+ab() { # ab VARIANT...
+  [ $# -ge 1 ] || { echo "ab: give at least one 'label:ENV=V ...' variant" >&2; exit 2; }
+  local mode=${AB_MODE:-submit} c=${AB_C:-64} rounds=${ROUNDS:-3} r v label envs dir t0 t1 i0 i1 out
+  RESULTS=$BENCH_DIR/ab.jsonl
+  : >"$RESULTS"
+  local hz; hz=$(getconf CLK_TCK)
+  for r in $(seq "$rounds"); do
+    for v in "$@"; do
+      label=${v%%:*}; envs=${v#*:}; [ "$envs" = "$v" ] && envs=""
+      dir=$BENCH_DIR/ab-$label
+      rm -rf "$dir"
+      # The variant's environment reaches the nodes (JOBSCHED_* settings) and
+      # may name other binaries (BIN=...).
+      (
+        # shellcheck disable=SC2086
+        [ -n "$envs" ] && export $envs
+        start_ours "$dir"
+        local urls; urls=$(our_urls)
+        "$BIN/jobsched-bench" --coordinators "$urls" submit -c 16 -d 2 >/dev/null 2>&1 || true
+        t0=$(nodes_cpu_ticks "$dir"); i0=$(last_log_index)
+        if [ "$mode" = e2e ]; then
+          out=$("$BIN/jobsched-bench" --json-out "$RESULTS" --tag "$label" --coordinators "$urls" \
+            e2e -c "$c" --workers "${AB_WORKERS:-8}" --slots "${AB_SLOTS:-8}" -d "$DURATION" 2>/dev/null | tail -1)
+        else
+          out=$("$BIN/jobsched-bench" --json-out "$RESULTS" --tag "$label" --coordinators "$urls" \
+            submit -c "$c" -d "$DURATION" 2>/dev/null | tail -1)
+        fi
+        t1=$(nodes_cpu_ticks "$dir"); i1=$(last_log_index)
+        stop_ours "$dir"
+        python3 - "$RESULTS" "$label" "$r" "$((t1 - t0))" "$((i1 - i0))" "$hz" "$out" <<'PY'
+import json, sys
+path, label, rnd, ticks, entries, hz, out = sys.argv[1:]
+row = [json.loads(l) for l in open(path) if l.strip()][-1]
+rate = row.get("completedPerSecond") or row.get("perSecond") or 0
+# The bench measures `seconds` after a 1 s warm-up; the CPU window covers both.
+jobs = rate * (row["seconds"] + 1)
+cpu_ms = int(ticks) * 1000 / int(hz)
+print(f"round {rnd} {label:>12}: {rate:9.0f}/s  cluster CPU {cpu_ms / jobs * 1000 if jobs else 0:7.1f} ms per 1,000 jobs"
+      f"  jobs per Raft entry {jobs / int(entries) if int(entries) else 0:5.1f}  | {' '.join(out.split())[:90]}")
+PY
+      )
+    done
+  done
+}
+
 scale() {
   RESULTS=$BENCH_DIR/scale.jsonl
   : >"$RESULTS"
@@ -558,6 +625,14 @@ case "$mode" in
       scale) scale ;;
       all) compare; scale ;;
     esac
+    ;;
+  ab)
+    mkdir -p "$BENCH_DIR"
+    stop_tracked
+    trap cleanup EXIT INT TERM
+    [ -x "$BIN/jobsched-bench" ] || { echo "no release build in $BIN (run scripts/bench.sh once, or set BIN)" >&2; exit 1; }
+    shift
+    ab "$@"
     ;;
   up)
     # A cluster for profiling by hand (perf, callgrind); `stop` ends it.
