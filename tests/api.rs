@@ -306,6 +306,104 @@ async fn bad_input_gets_json_errors_and_changes_nothing() {
     }
 }
 
+/// Open a raw connection to `addr` and ask for a peer stream with the given
+/// `Upgrade` header; returns the connection and the answer's status code.
+async fn peer_stream_handshake(addr: &str, upgrade: &str) -> (tokio::io::BufReader<tokio::net::TcpStream>, u16) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut io = tokio::io::BufReader::new(tcp);
+    let hello =
+        format!("GET /raft/stream HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: {upgrade}\r\n\r\n");
+    io.get_mut().write_all(hello.as_bytes()).await.unwrap();
+    let mut status_line = String::new();
+    io.read_line(&mut status_line).await.unwrap();
+    let status = status_line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("status line");
+    loop {
+        let mut line = String::new();
+        io.read_line(&mut line).await.unwrap();
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+    }
+    (io, status)
+}
+
+/// Send one frame (u32 LE length + body) and read the answer frame; `None`
+/// when the node closed the connection instead of answering.
+async fn peer_stream_exchange(io: &mut tokio::io::BufReader<tokio::net::TcpStream>, frame: &[u8]) -> Option<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    io.get_mut().write_all(frame).await.ok()?;
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await.ok()?;
+    let mut body = vec![0; u32::from_le_bytes(len) as usize];
+    io.read_exact(&mut body).await.ok()?;
+    Some(body)
+}
+
+fn peer_frame(body: &[u8]) -> Vec<u8> {
+    let mut f = (body.len() as u32).to_le_bytes().to_vec();
+    f.extend_from_slice(body);
+    f
+}
+
+/// Steps: talk to a follower's peer-stream endpoint (`GET /raft/stream`, the
+/// node-to-node transport) by hand: a wrong `Upgrade` header gets 426; a
+/// well-formed but stale vote request (term 0) gets a real answer (status 0,
+/// not granted, the node's higher term); an unknown RPC kind and an
+/// undecodable append each get status 1 with a reason and a closed
+/// connection; an oversized length prefix gets a closed connection. Then the
+/// cluster still elects nothing new, accepts a job, and all nodes agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_stream_endpoint_rejects_bad_frames_and_changes_nothing() {
+    let c = Cluster::start(Opts::default()).await;
+    let leader = c.leader(Duration::from_secs(10)).await;
+    let follower = c.follower().await;
+    let before = c.cluster_view(follower).await.expect("cluster view");
+    let addr = c.url(follower).trim_start_matches("http://").to_owned();
+
+    let (_, status) = peer_stream_handshake(&addr, "websocket").await;
+    assert_eq!(status, 426, "wrong Upgrade header");
+
+    // Vote request (kind 2), wire version 1, bincode: vote {term 0, node 99,
+    // committed false}, last_log_id None.
+    let (mut io, status) = peer_stream_handshake(&addr, "jobsched-raft/1").await;
+    assert_eq!(status, 101);
+    let mut vote = vec![2u8, 1];
+    vote.extend_from_slice(&0u64.to_le_bytes());
+    vote.extend_from_slice(&99u64.to_le_bytes());
+    vote.extend_from_slice(&[0, 0]);
+    let answer = peer_stream_exchange(&mut io, &peer_frame(&vote)).await.expect("an answer to a stale vote");
+    // status 0, wire version 1, Result::Ok (u32 variant 0), VoteResponse { vote: {term, node, committed}, granted, .. }
+    assert_eq!(&answer[..6], &[0, 1, 0, 0, 0, 0], "ok answer: {answer:?}");
+    let term = u64::from_le_bytes(answer[6..14].try_into().unwrap());
+    assert!(term >= 1, "the node answers with its own, higher term: {answer:?}");
+    assert_eq!(answer[23], 0, "vote not granted: {answer:?}");
+    // The same connection serves the next request.
+    let again = peer_stream_exchange(&mut io, &peer_frame(&vote)).await.expect("second answer");
+    assert_eq!(&again[..6], &[0, 1, 0, 0, 0, 0]);
+
+    for (what, body) in [("unknown kind", vec![9u8, 1, 0]), ("bad append", vec![1u8, 1, 0xff, 0xff])] {
+        let (mut io, _) = peer_stream_handshake(&addr, "jobsched-raft/1").await;
+        let answer = peer_stream_exchange(&mut io, &peer_frame(&body)).await.expect(what);
+        assert_eq!(answer[0], 1, "{what}: error status");
+        assert!(!String::from_utf8_lossy(&answer[1..]).is_empty(), "{what}: a reason");
+        assert!(peer_stream_exchange(&mut io, &peer_frame(&vote)).await.is_none(), "{what}: connection closed");
+    }
+    let (mut io, _) = peer_stream_handshake(&addr, "jobsched-raft/1").await;
+    assert!(peer_stream_exchange(&mut io, &u32::MAX.to_le_bytes()).await.is_none(), "oversized frame: closed");
+
+    let job = c.submit(follower, "x", serde_json::json!({})).await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    for node in c.running() {
+        let (st, v) = c.get(node, &format!("/api/jobs/{id}")).await;
+        assert_eq!(st, 200, "node {node}: {v}");
+    }
+    let after = c.cluster_view(follower).await.expect("cluster view");
+    assert_eq!(c.leader(Duration::from_secs(10)).await, leader, "no leader change");
+    assert_eq!(before["term"], after["term"], "no new term: {before} {after}");
+    c.assert_digests_equal().await;
+}
+
 /// Steps: /health, /ready, /api/cluster and the OpenAPI document answer on
 /// every node; exactly one node says Leader; the Swagger UI page loads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

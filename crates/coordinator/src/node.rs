@@ -308,7 +308,7 @@ pub async fn run_with_listener(
         config.snapshot_logs,
         config.snapshot_catchup_logs,
     )?);
-    let network = jobsched_raft::Network::new(http.clone());
+    let network = jobsched_raft::Network::new(http.clone(), config.outbound_bind);
     let raft = openraft::Raft::<TypeConfig>::new(config.node_id, raft_cfg, network, log_store.clone(), sm).await?;
     let elector = jobsched_raft::Elector::new(
         config.node_id,

@@ -8,9 +8,10 @@
 //!   ([`LogStore`]) and the state machine ([`StateMachineStore`]), which is a
 //!   thin adapter around [`jobsched_core::apply`];
 //! - point-in-time snapshots streamed to files ([`snapshot_file`]);
-//! - the node-to-node network over HTTP + bincode ([`network`]), both the
-//!   client side and the decode/dispatch helpers the coordinator's HTTP server
-//!   calls;
+//! - the node-to-node network ([`network`]): bincode RPCs over persistent
+//!   framed connections ([`peer_stream`]) with per-request HTTP as fallback,
+//!   both the client side and the decode/dispatch helpers the coordinator's
+//!   HTTP server calls;
 //! - the election timer with pre-vote ([`election`]) that replaces
 //!   openraft's own;
 //! - a calm default [`raft_config`].
@@ -31,6 +32,7 @@
 pub mod config;
 pub mod election;
 pub mod network;
+pub mod peer_stream;
 pub mod snapshot_file;
 pub mod store;
 mod types;

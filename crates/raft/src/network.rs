@@ -1,4 +1,10 @@
-//! Node-to-node Raft RPCs over HTTP with bincode bodies.
+//! Node-to-node Raft RPCs: openraft's `RaftNetwork`, with bincode bodies.
+//!
+//! Transport: every RPC goes over a persistent peer stream
+//! ([`crate::peer_stream`]: length-prefixed frames on an upgraded connection
+//! of the peer's HTTP port) carrying the same bodies as the HTTP endpoints
+//! below. The HTTP endpoints stay as the fallback for a peer that refuses the
+//! upgrade (a build without streams, during a rolling upgrade).
 //!
 //! Wire format: every body (request and response) is one format-version byte
 //! ([`WIRE_VERSION`]) followed by bincode. Requests are openraft's request
@@ -13,17 +19,18 @@
 //! | snapshot chunk | `POST /raft/snapshot` | `InstallSnapshotRequest`| `Result<InstallSnapshotResponse, RaftError<InstallSnapshotError>>` |
 //! | pre-vote       | `POST /raft/prevote`  | `PreVoteRequest`        | `PreVoteResponse` (see [`crate::election`]) |
 //!
-//! Client side ([`Network`], [`NetworkConnection`]): one shared
-//! `reqwest::Client` per process (connection pooling, passed in); each call is
-//! bounded by openraft's `RPCOption::hard_ttl()`. Error mapping, which decides
+//! Client side ([`Network`], [`NetworkConnection`]): one peer-stream pool and
+//! one shared `reqwest::Client` per process; each call is bounded by
+//! openraft's `RPCOption::hard_ttl()`. Error mapping, which decides
 //! openraft's retry behaviour:
 //! - cannot connect, or no answer before the timeout -> `Unreachable` (openraft
 //!   backs off before retrying that peer). For a slow but alive peer,
 //!   openraft's own timer (same ttl) usually fires first and reports
 //!   `Timeout`, which is retried without backoff;
-//! - HTTP 413 on an append with several entries -> `PayloadTooLarge` (openraft
-//!   retries with fewer entries);
-//! - any other non-2xx, or a body that does not decode -> `NetworkError`;
+//! - HTTP 413, or a frame over the peer-stream limit, on an append with several
+//!   entries -> `PayloadTooLarge` (openraft retries with fewer entries);
+//! - any other non-2xx, a broken stream, or a body that does not decode ->
+//!   `NetworkError`;
 //! - the remote `Raft` returned an error -> `RemoteError`.
 //!
 //! Server side: the coordinator's HTTP routes pass the raw body to
@@ -35,6 +42,8 @@
 //! [`crate::raft_config`]): give these routes a body limit well above axum's
 //! 2 MB default (peers are trusted).
 
+use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{
@@ -44,6 +53,7 @@ use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::peer_stream::{request_frame, ExchangeError, RpcKind, StreamPool};
 use crate::types::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, Node, NodeId, Raft,
     TypeConfig, VoteRequest, VoteResponse,
@@ -67,6 +77,10 @@ pub enum WireError {
     Decode(#[source] bincode::Error),
     #[error("cannot encode RPC body: {0}")]
     Encode(#[source] bincode::Error),
+    #[error("frame of {0} bytes is over the {max} byte limit", max = crate::peer_stream::MAX_FRAME)]
+    FrameTooLarge(usize),
+    #[error("unknown RPC kind {0} on a peer stream")]
+    UnknownKind(u8),
 }
 
 /// Version byte + bincode.
@@ -112,15 +126,23 @@ pub async fn handle_snapshot(raft: &Raft, body: &[u8]) -> Result<Vec<u8>, WireEr
 // ----- client side -------------------------------------------------------------
 
 /// openraft's network factory: hands out one [`NetworkConnection`] per peer,
-/// all sharing the process's `reqwest::Client`.
+/// all sharing the process's peer-stream pool and `reqwest::Client`.
 #[derive(Clone)]
 pub struct Network {
     client: reqwest::Client,
+    streams: Arc<StreamPool>,
 }
 
 impl Network {
-    pub fn new(client: reqwest::Client) -> Self {
-        Network { client }
+    /// `client` carries the HTTP fallback; `bind` is the local address peer
+    /// streams connect from (`None`: any), as the client's own.
+    pub fn new(client: reqwest::Client, bind: Option<IpAddr>) -> Self {
+        Network { client, streams: Arc::new(StreamPool::new(bind)) }
+    }
+
+    /// The peer-stream pool (tests look at it).
+    pub fn streams(&self) -> &Arc<StreamPool> {
+        &self.streams
     }
 }
 
@@ -128,13 +150,14 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = NetworkConnection;
 
     async fn new_client(&mut self, target: NodeId, node: &Node) -> NetworkConnection {
-        NetworkConnection { client: self.client.clone(), target, node: node.clone() }
+        NetworkConnection { client: self.client.clone(), streams: self.streams.clone(), target, node: node.clone() }
     }
 }
 
-/// RPCs to one peer. Holds no connection itself: reqwest pools them.
+/// RPCs to one peer. Holds no connection itself: the pools do.
 pub struct NetworkConnection {
     client: reqwest::Client,
+    streams: Arc<StreamPool>,
     target: NodeId,
     node: Node,
 }
@@ -146,6 +169,44 @@ fn network_error(msg: String) -> NetworkError {
 }
 
 impl NetworkConnection {
+    /// One RPC: over a peer stream, or over HTTP while the peer refuses
+    /// streams (see [`crate::peer_stream`]). Error mapping as in the module
+    /// docs; a peer-stream exchange that does not finish within `timeout`
+    /// counts as unreachable, like an HTTP request that times out.
+    async fn rpc<Req, Resp, E>(&self, kind: RpcKind, req: &Req, timeout: Duration, entries: usize) -> RpcResult<Resp, E>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        if self.streams.http_only(self.target) {
+            return self.call(kind_path(kind), req, timeout, entries).await;
+        }
+        let frame = match request_frame(kind, req) {
+            Ok(frame) => frame,
+            Err(WireError::FrameTooLarge(_)) if entries > 1 => {
+                let hint = (entries / 2).max(1) as u64;
+                return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(hint)));
+            }
+            Err(e) => return Err(RPCError::Network(NetworkError::new(&e))),
+        };
+        let addr = &self.node.addr;
+        let answer = match tokio::time::timeout(timeout, self.streams.call(self.target, addr, &frame)).await {
+            Err(_) => {
+                let msg = format!("{addr}: no answer within {timeout:?}");
+                return Err(RPCError::Unreachable(Unreachable::new(&openraft::AnyError::error(msg))));
+            }
+            Ok(Err(ExchangeError::NotSupported(_))) => return self.call(kind_path(kind), req, timeout, entries).await,
+            Ok(Err(e @ ExchangeError::Connect(_))) => return Err(RPCError::Unreachable(Unreachable::new(&e))),
+            Ok(Err(e)) => return Err(RPCError::Network(network_error(format!("{addr}: {e}")))),
+            Ok(Ok(answer)) => answer,
+        };
+        let res: Result<Resp, RaftError<NodeId, E>> =
+            decode_message(&answer).map_err(|e| RPCError::Network(network_error(format!("{addr}: {e}"))))?;
+        res.map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(self.target, self.node.clone(), e)))
+    }
+
+    /// One RPC as an HTTP request to `path`.
     async fn call<Req, Resp, E>(&self, path: &str, req: &Req, timeout: Duration, entries: usize) -> RpcResult<Resp, E>
     where
         Req: Serialize,
@@ -180,6 +241,15 @@ impl NetworkConnection {
     }
 }
 
+/// The HTTP endpoint that serves the same RPC as a peer-stream `kind`.
+fn kind_path(kind: RpcKind) -> &'static str {
+    match kind {
+        RpcKind::Append => PATH_APPEND,
+        RpcKind::Vote => PATH_VOTE,
+        RpcKind::Snapshot => PATH_SNAPSHOT,
+    }
+}
+
 /// Connection failures and timeouts: the peer is down or stuck; back off.
 fn transport_error<E: std::error::Error>(e: &reqwest::Error) -> RPCError<NodeId, Node, E> {
     if e.is_connect() || e.is_timeout() {
@@ -196,7 +266,7 @@ impl RaftNetwork<TypeConfig> for NetworkConnection {
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse> {
         let n = rpc.entries.len();
-        self.call(PATH_APPEND, &rpc, option.hard_ttl(), n).await
+        self.rpc(RpcKind::Append, &rpc, option.hard_ttl(), n).await
     }
 
     async fn install_snapshot(
@@ -206,11 +276,11 @@ impl RaftNetwork<TypeConfig> for NetworkConnection {
     ) -> RpcResult<InstallSnapshotResponse, InstallSnapshotError> {
         // hard_ttl here is the config's install_snapshot_timeout, which also
         // has to cover installing the snapshot after the last chunk.
-        self.call(PATH_SNAPSHOT, &rpc, option.hard_ttl(), 0).await
+        self.rpc(RpcKind::Snapshot, &rpc, option.hard_ttl(), 0).await
     }
 
     async fn vote(&mut self, rpc: VoteRequest, option: RPCOption) -> RpcResult<VoteResponse> {
-        self.call(PATH_VOTE, &rpc, option.hard_ttl(), 0).await
+        self.rpc(RpcKind::Vote, &rpc, option.hard_ttl(), 0).await
     }
 
     /// How long the leader waits before trying an unreachable peer again.

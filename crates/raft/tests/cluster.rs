@@ -1,4 +1,4 @@
-//! An in-process 3-node cluster over real HTTP (axum on port 0) and real
+//! An in-process 3-node cluster over real sockets (axum on port 0) and real
 //! RocksDB, using only this crate's public API, as the coordinator would.
 //!
 //! Steps:
@@ -12,9 +12,13 @@
 //! 5. Start node 3; wait until it has applied everything (it must receive the
 //!    snapshot over `/raft/snapshot`), then check that all three nodes report
 //!    the same (applied index, digest, key count).
+//! 6. Transport: nodes 1 and 2 serve peer streams and must have used only
+//!    them between each other; node 3 plays a build without peer streams and
+//!    must have been reached over the per-RPC POST endpoints.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,20 +26,23 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::Router;
 use jobsched_core::{Batch, Command, JobSpec, Outcome};
 use jobsched_raft::{
-    handle_append, handle_snapshot, handle_vote, initialize_cluster, open_stores, raft_config, BasicNode,
+    handle_append, handle_snapshot, handle_vote, initialize_cluster, open_stores, peer_stream, raft_config, BasicNode,
     ElectionTiming, Elector, Network, Raft, SmKv, WireError, PATH_PREVOTE,
 };
 use tempfile::TempDir;
+use tokio::sync::watch;
 use uuid::Uuid;
 
 struct TestNode {
     raft: Raft,
     kv: SmKv,
     server: tokio::task::JoinHandle<()>,
+    peer: Arc<Peer>,
+    stop: watch::Sender<bool>,
     dir: TempDir,
 }
 
@@ -46,47 +53,77 @@ fn wire(res: Result<Vec<u8>, WireError>) -> Response {
     }
 }
 
-type Peer = (Raft, Arc<Elector>);
-
-async fn append(State((raft, _)): State<Peer>, body: Bytes) -> Response {
-    wire(handle_append(&raft, &body).await)
+/// What a test node's HTTP handlers share, with counters of what was used.
+struct Peer {
+    raft: Raft,
+    elector: Arc<Elector>,
+    stopping: watch::Receiver<bool>,
+    http_appends: AtomicUsize,
+    http_snapshots: AtomicUsize,
+    streams_accepted: AtomicUsize,
 }
 
-async fn vote(State((raft, _)): State<Peer>, body: Bytes) -> Response {
-    wire(handle_vote(&raft, &body).await)
+type Shared = State<Arc<Peer>>;
+
+async fn append(State(p): Shared, body: Bytes) -> Response {
+    p.http_appends.fetch_add(1, Ordering::Relaxed);
+    wire(handle_append(&p.raft, &body).await)
 }
 
-async fn snapshot(State((raft, _)): State<Peer>, body: Bytes) -> Response {
-    wire(handle_snapshot(&raft, &body).await)
+async fn vote(State(p): Shared, body: Bytes) -> Response {
+    wire(handle_vote(&p.raft, &body).await)
 }
 
-async fn prevote(State((_, elector)): State<Peer>, body: Bytes) -> Response {
-    wire(elector.handle_prevote(&body).await)
+async fn snapshot(State(p): Shared, body: Bytes) -> Response {
+    p.http_snapshots.fetch_add(1, Ordering::Relaxed);
+    wire(handle_snapshot(&p.raft, &body).await)
 }
 
-async fn start_node(id: u64, addr: SocketAddr, client: reqwest::Client) -> TestNode {
+async fn prevote(State(p): Shared, body: Bytes) -> Response {
+    wire(p.elector.handle_prevote(&body).await)
+}
+
+async fn stream(State(p): Shared, mut req: axum::extract::Request) -> Response {
+    p.streams_accepted.fetch_add(1, Ordering::Relaxed);
+    peer_stream::accept_upgrade(&p.raft, &p.stopping, &mut req).map(|()| axum::body::Body::empty()).into_response()
+}
+
+/// Start a node. `streams`: serve `GET /raft/stream` (false plays a build
+/// that predates peer streams: peers must fall back to the POST endpoints).
+async fn start_node(id: u64, addr: SocketAddr, client: reqwest::Client, streams: bool) -> TestNode {
     let dir = TempDir::new().unwrap();
     let (log, sm) = open_stores(dir.path()).unwrap();
     let kv = sm.kv();
     // Keep no log behind a snapshot, so node 3 needs the snapshot.
     let mut config = raft_config(50, 300, 600, 20, 0).unwrap();
     config.purge_batch_size = 1;
-    let raft = Raft::new(id, Arc::new(config), Network::new(client.clone()), log.clone(), sm).await.unwrap();
+    let raft = Raft::new(id, Arc::new(config), Network::new(client.clone(), None), log.clone(), sm).await.unwrap();
     let timing = ElectionTiming::new(Duration::from_millis(300), Duration::from_millis(600));
     let elector = Elector::new(id, raft.clone(), log, client, timing, true);
     tokio::spawn(elector.clone().run());
-    let app = Router::new()
+    let (stop, stopping) = watch::channel(false);
+    let peer = Arc::new(Peer {
+        raft: raft.clone(),
+        elector,
+        stopping,
+        http_appends: AtomicUsize::new(0),
+        http_snapshots: AtomicUsize::new(0),
+        streams_accepted: AtomicUsize::new(0),
+    });
+    let mut app = Router::new()
         .route("/raft/append", post(append))
         .route("/raft/vote", post(vote))
         .route("/raft/snapshot", post(snapshot))
-        .route(PATH_PREVOTE, post(prevote))
-        .layer(DefaultBodyLimit::disable())
-        .with_state((raft.clone(), elector));
+        .route(PATH_PREVOTE, post(prevote));
+    if streams {
+        app = app.route(peer_stream::PATH_STREAM, get(stream));
+    }
+    let app = app.layer(DefaultBodyLimit::disable()).with_state(peer.clone());
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let server = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
-    TestNode { raft, kv, server, dir }
+    TestNode { raft, kv, server, peer, stop, dir }
 }
 
 fn spec(i: u64) -> JobSpec {
@@ -121,8 +158,8 @@ async fn three_nodes_replicate_and_catch_up_by_snapshot() {
         addrs.push(l.local_addr().unwrap());
     } // listeners dropped: the ports are free again until the nodes bind them
 
-    let n1 = start_node(1, addrs[0], client.clone()).await;
-    let n2 = start_node(2, addrs[1], client.clone()).await;
+    let n1 = start_node(1, addrs[0], client.clone(), true).await;
+    let n2 = start_node(2, addrs[1], client.clone(), true).await;
     let members: BTreeMap<u64, BasicNode> =
         (1..=3).map(|i| (i, BasicNode::new(addrs[i as usize - 1].to_string()))).collect();
     initialize_cluster(&n1.raft, members.clone()).await.unwrap();
@@ -166,7 +203,7 @@ async fn three_nodes_replicate_and_catch_up_by_snapshot() {
         .await
         .unwrap();
 
-    let n3 = start_node(3, addrs[2], client.clone()).await;
+    let n3 = start_node(3, addrs[2], client.clone(), false).await;
     n3.raft.wait(Some(Duration::from_secs(20))).applied_index_at_least(Some(last), "node 3 caught up").await.unwrap();
     let m3 = n3.raft.metrics().borrow().clone();
     assert!(m3.snapshot.is_some(), "node 3 caught up from a snapshot: {m3:?}");
@@ -184,8 +221,18 @@ async fn three_nodes_replicate_and_catch_up_by_snapshot() {
     assert_eq!(digests[0], digests[2]);
     assert!(digests[0].0 >= Some(last));
 
+    // Transport: nodes 1 and 2 talk over peer streams only; node 3 (no
+    // stream endpoint) was reached over the POST endpoints, snapshot included.
+    let follower = if std::ptr::eq(leader, &n1) { &n2 } else { &n1 };
+    let count = |n: &TestNode, c: fn(&Peer) -> &AtomicUsize| c(&n.peer).load(Ordering::Relaxed);
+    assert!(count(follower, |p| &p.streams_accepted) >= 1, "the follower accepted a peer stream");
+    assert_eq!(count(follower, |p| &p.http_appends), 0, "no HTTP appends between stream-speaking nodes");
+    assert!(count(&n3, |p| &p.http_appends) >= 1, "node 3 got appends over HTTP");
+    assert!(count(&n3, |p| &p.http_snapshots) >= 1, "node 3 got the snapshot over HTTP");
+
     for n in [n1, n2, n3] {
         n.raft.shutdown().await.unwrap();
+        let _ = n.stop.send(true);
         n.server.abort();
     }
 }

@@ -46,6 +46,7 @@ pub fn router(node: SharedNode) -> Router {
     let api_service: Router = api.clone().with_state(node.clone());
     // Peers are trusted and appends/snapshot chunks can be large: no limit.
     let raft = Router::new()
+        .route(jobsched_raft::peer_stream::PATH_STREAM, get(raft_rpc::stream))
         .route("/raft/append", post(raft_rpc::append))
         .route("/raft/vote", post(raft_rpc::vote))
         .route("/raft/snapshot", post(raft_rpc::snapshot))

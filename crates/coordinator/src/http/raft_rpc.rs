@@ -1,5 +1,7 @@
 //! Node-to-node Raft RPC endpoints. Bodies are versioned bincode; decoding,
-//! dispatch and encoding live in the raft crate.
+//! dispatch and encoding live in the raft crate. `GET /raft/stream` upgrades
+//! the connection to a peer stream (`jobsched_raft::peer_stream`), which is
+//! what peers use; the per-RPC POST endpoints are its fallback.
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -16,6 +18,14 @@ fn reply(result: Result<Vec<u8>, jobsched_raft::WireError>) -> Response {
         Ok(bytes) => (BINCODE, bytes).into_response(),
         Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
     }
+}
+
+/// `GET /raft/stream`: hand the connection over to the raft crate's peer
+/// stream server (101), or 426 without the right `Upgrade` header.
+pub async fn stream(State(node): State<SharedNode>, mut req: axum::extract::Request) -> Response {
+    jobsched_raft::peer_stream::accept_upgrade(&node.raft, &node.stopping, &mut req)
+        .map(|()| axum::body::Body::empty())
+        .into_response()
 }
 
 pub async fn append(State(node): State<SharedNode>, body: Bytes) -> Response {
