@@ -21,7 +21,9 @@
 #                                per job; variants alternate so drift in the
 #                                machine's load hits all of them alike.
 #                                AB_MODE=submit|e2e (submit), AB_C=64, ROUNDS=3,
-#                                AB_WORKERS=8 AB_SLOTS=8 (e2e: workers x slots each)
+#                                AB_WORKERS=8 AB_SLOTS=8 (e2e: workers x slots each),
+#                                AB_NODE=leader|follower (submit: all connections
+#                                to that node; default: spread over the nodes)
 #   scripts/bench.sh up          only start the jobsched cluster (for profiling by hand)
 #   scripts/bench.sh stop        stop what `up` or an interrupted run left running
 #
@@ -360,8 +362,15 @@ ab() { # ab VARIANT...
           out=$("$BIN/jobsched-bench" --json-out "$RESULTS" --tag "$label" --coordinators "$urls" \
             e2e -c "$c" --workers "${AB_WORKERS:-8}" --slots "${AB_SLOTS:-8}" -d "$DURATION" 2>/dev/null | tail -1)
         else
+          # AB_NODE=leader|follower: every connection to that node (placement
+          # decides whether a write takes the relay hop); else spread.
+          local place=()
+          case ${AB_NODE:-} in
+            leader) place=(--node "$(our_leader_index)") ;;
+            follower) place=(--node "$((($(our_leader_index) + 1) % ${#NODES[@]}))") ;;
+          esac
           out=$("$BIN/jobsched-bench" --json-out "$RESULTS" --tag "$label" --coordinators "$urls" \
-            submit -c "$c" -d "$DURATION" 2>/dev/null | tail -1)
+            submit -c "$c" -d "$DURATION" "${place[@]}" 2>/dev/null | tail -1)
         fi
         t1=$(nodes_cpu_ticks "$dir"); i1=$(last_log_index)
         stop_ours "$dir"

@@ -349,8 +349,9 @@ fn peer_frame(body: &[u8]) -> Vec<u8> {
 /// Steps: talk to a follower's peer-stream endpoint (`GET /raft/stream`, the
 /// node-to-node transport) by hand: a wrong `Upgrade` header gets 426; a
 /// well-formed but stale vote request (term 0) gets a real answer (status 0,
-/// not granted, the node's higher term); an unknown RPC kind and an
-/// undecodable append each get status 1 with a reason and a closed
+/// not granted, the node's higher term); a relay batch frame gets its
+/// item's HTTP answer; an unknown RPC kind, an undecodable append and an
+/// undecodable relay batch each get status 1 with a reason and a closed
 /// connection; an oversized length prefix gets a closed connection. Then the
 /// cluster still elects nothing new, accepts a job, and all nodes agree.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -382,7 +383,26 @@ async fn peer_stream_endpoint_rejects_bad_frames_and_changes_nothing() {
     let again = peer_stream_exchange(&mut io, &peer_frame(&vote)).await.expect("second answer");
     assert_eq!(&again[..6], &[0, 1, 0, 0, 0, 0]);
 
-    for (what, body) in [("unknown kind", vec![9u8, 1, 0]), ("bad append", vec![1u8, 1, 0xff, 0xff])] {
+    // A relay batch (kind 4, the coordinator's application frame): version 1,
+    // one item: method, path, no headers, empty body; each field u32-length
+    // prefixed. The answer: status 0, then version 1, one reply: HTTP status
+    // u16, headers, body.
+    let mut relay = vec![4u8, 1];
+    relay.extend_from_slice(&1u32.to_le_bytes());
+    for field in [&b"GET"[..], b"/api/jobs?limit=1"] {
+        relay.extend_from_slice(&(field.len() as u32).to_le_bytes());
+        relay.extend_from_slice(field);
+    }
+    relay.extend_from_slice(&0u32.to_le_bytes());
+    relay.extend_from_slice(&0u32.to_le_bytes());
+    let answer = peer_stream_exchange(&mut io, &peer_frame(&relay)).await.expect("an answer to a relay batch");
+    assert_eq!(&answer[..6], &[0, 1, 1, 0, 0, 0], "one relayed reply: {answer:?}");
+    assert_eq!(u16::from_le_bytes([answer[6], answer[7]]), 200, "GET /api/jobs relayed: {answer:?}");
+    assert!(String::from_utf8_lossy(&answer).contains("\"jobs\""), "{}", String::from_utf8_lossy(&answer));
+
+    for (what, body) in
+        [("unknown kind", vec![9u8, 1, 0]), ("bad append", vec![1u8, 1, 0xff, 0xff]), ("bad relay batch", vec![4u8, 7])]
+    {
         let (mut io, _) = peer_stream_handshake(&addr, "jobsched-raft/1").await;
         let answer = peer_stream_exchange(&mut io, &peer_frame(&body)).await.expect(what);
         assert_eq!(answer[0], 1, "{what}: error status");

@@ -308,7 +308,9 @@ pub async fn run_with_listener(
         config.snapshot_logs,
         config.snapshot_catchup_logs,
     )?);
-    let network = jobsched_raft::Network::new(http.clone(), config.outbound_bind);
+    // One pool of peer streams per process: Raft RPCs and relay batches.
+    let streams = Arc::new(jobsched_raft::peer_stream::StreamPool::new(config.outbound_bind));
+    let network = jobsched_raft::Network::new(http.clone(), streams.clone());
     let raft = openraft::Raft::<TypeConfig>::new(config.node_id, raft_cfg, network, log_store.clone(), sm).await?;
     let elector = jobsched_raft::Elector::new(
         config.node_id,
@@ -352,7 +354,7 @@ pub async fn run_with_listener(
         sm: sm_kv,
         applied,
         proposer,
-        relays: crate::http::relay_batch::RelayBatcher::start(http.clone()),
+        relays: crate::http::relay_batch::RelayBatcher::start(http.clone(), streams),
         elector,
         http,
         clock,

@@ -42,7 +42,6 @@
 //! [`crate::raft_config`]): give these routes a body limit well above axum's
 //! 2 MB default (peers are trusted).
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,7 +52,7 @@ use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::peer_stream::{request_frame, ExchangeError, RpcKind, StreamPool};
+use crate::peer_stream::{request_frame, ExchangeError, Retry, RpcKind, StreamPool};
 use crate::types::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, Node, NodeId, Raft,
     TypeConfig, VoteRequest, VoteResponse,
@@ -81,6 +80,8 @@ pub enum WireError {
     FrameTooLarge(usize),
     #[error("unknown RPC kind {0} on a peer stream")]
     UnknownKind(u8),
+    #[error("{0}")]
+    App(String),
 }
 
 /// Version byte + bincode.
@@ -134,10 +135,10 @@ pub struct Network {
 }
 
 impl Network {
-    /// `client` carries the HTTP fallback; `bind` is the local address peer
-    /// streams connect from (`None`: any), as the client's own.
-    pub fn new(client: reqwest::Client, bind: Option<IpAddr>) -> Self {
-        Network { client, streams: Arc::new(StreamPool::new(bind)) }
+    /// `client` carries the HTTP fallback; `streams` is the process's
+    /// peer-stream pool (shared with the coordinator's relays).
+    pub fn new(client: reqwest::Client, streams: Arc<StreamPool>) -> Self {
+        Network { client, streams }
     }
 
     /// The peer-stream pool (tests look at it).
@@ -173,14 +174,20 @@ impl NetworkConnection {
     /// streams (see [`crate::peer_stream`]). Error mapping as in the module
     /// docs; a peer-stream exchange that does not finish within `timeout`
     /// counts as unreachable, like an HTTP request that times out.
-    async fn rpc<Req, Resp, E>(&self, kind: RpcKind, req: &Req, timeout: Duration, entries: usize) -> RpcResult<Resp, E>
+    async fn rpc<Req, Resp, E>(
+        &self,
+        (kind, path): (RpcKind, &str),
+        req: &Req,
+        timeout: Duration,
+        entries: usize,
+    ) -> RpcResult<Resp, E>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        if self.streams.http_only(self.target) {
-            return self.call(kind_path(kind), req, timeout, entries).await;
+        if self.streams.http_only(&self.node.addr) {
+            return self.call(path, req, timeout, entries).await;
         }
         let frame = match request_frame(kind, req) {
             Ok(frame) => frame,
@@ -191,12 +198,13 @@ impl NetworkConnection {
             Err(e) => return Err(RPCError::Network(NetworkError::new(&e))),
         };
         let addr = &self.node.addr;
-        let answer = match tokio::time::timeout(timeout, self.streams.call(self.target, addr, &frame)).await {
+        let exchange = self.streams.call(addr, &frame, Retry::OnFresh);
+        let answer = match tokio::time::timeout(timeout, exchange).await {
             Err(_) => {
                 let msg = format!("{addr}: no answer within {timeout:?}");
                 return Err(RPCError::Unreachable(Unreachable::new(&openraft::AnyError::error(msg))));
             }
-            Ok(Err(ExchangeError::NotSupported(_))) => return self.call(kind_path(kind), req, timeout, entries).await,
+            Ok(Err(ExchangeError::NotSupported(_))) => return self.call(path, req, timeout, entries).await,
             Ok(Err(e @ ExchangeError::Connect(_))) => return Err(RPCError::Unreachable(Unreachable::new(&e))),
             Ok(Err(e)) => return Err(RPCError::Network(network_error(format!("{addr}: {e}")))),
             Ok(Ok(answer)) => answer,
@@ -241,15 +249,6 @@ impl NetworkConnection {
     }
 }
 
-/// The HTTP endpoint that serves the same RPC as a peer-stream `kind`.
-fn kind_path(kind: RpcKind) -> &'static str {
-    match kind {
-        RpcKind::Append => PATH_APPEND,
-        RpcKind::Vote => PATH_VOTE,
-        RpcKind::Snapshot => PATH_SNAPSHOT,
-    }
-}
-
 /// Connection failures and timeouts: the peer is down or stuck; back off.
 fn transport_error<E: std::error::Error>(e: &reqwest::Error) -> RPCError<NodeId, Node, E> {
     if e.is_connect() || e.is_timeout() {
@@ -266,7 +265,7 @@ impl RaftNetwork<TypeConfig> for NetworkConnection {
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse> {
         let n = rpc.entries.len();
-        self.rpc(RpcKind::Append, &rpc, option.hard_ttl(), n).await
+        self.rpc((RpcKind::Append, PATH_APPEND), &rpc, option.hard_ttl(), n).await
     }
 
     async fn install_snapshot(
@@ -276,11 +275,11 @@ impl RaftNetwork<TypeConfig> for NetworkConnection {
     ) -> RpcResult<InstallSnapshotResponse, InstallSnapshotError> {
         // hard_ttl here is the config's install_snapshot_timeout, which also
         // has to cover installing the snapshot after the last chunk.
-        self.rpc(RpcKind::Snapshot, &rpc, option.hard_ttl(), 0).await
+        self.rpc((RpcKind::Snapshot, PATH_SNAPSHOT), &rpc, option.hard_ttl(), 0).await
     }
 
     async fn vote(&mut self, rpc: VoteRequest, option: RPCOption) -> RpcResult<VoteResponse> {
-        self.rpc(RpcKind::Vote, &rpc, option.hard_ttl(), 0).await
+        self.rpc((RpcKind::Vote, PATH_VOTE), &rpc, option.hard_ttl(), 0).await
     }
 
     /// How long the leader waits before trying an unreachable peer again.

@@ -21,7 +21,9 @@
 //! Every frame is a `u32` little-endian length followed by that many bytes
 //! (at most [`MAX_FRAME`]).
 //! - request: one kind byte ([`RpcKind`]), then the same body as the HTTP
-//!   endpoint takes (wire version byte + bincode of openraft's request);
+//!   endpoint takes (wire version byte + bincode of openraft's request), or,
+//!   for [`RpcKind::App`], a body the embedding application defines and
+//!   serves ([`AppRpc`]: the coordinator's relay batches);
 //! - answer: one status byte; `0` = the same body the HTTP endpoint returns
 //!   (version byte + bincode of `Result<Response, RaftError>`), `1` = UTF-8
 //!   text of why the server could not decode the request, after which it
@@ -34,16 +36,19 @@
 //! another request.
 //!
 //! ## Client side: [`StreamPool`]
-//! One pool per process, keyed by peer id. A call takes an idle connection (or
-//! opens one), and puts it back only after a complete exchange. openraft keeps
-//! one replication connection per follower busy, but linearizable reads send
-//! their own heartbeat round through a fresh `RaftNetwork` each, and votes do
-//! the same: pooling lets those reuse connections instead of opening one per
-//! read. At most [`MAX_IDLE_PER_PEER`] idle connections are kept per peer, none
-//! older than [`IDLE_MAX`]. A pooled connection may have been closed by the
-//! peer meanwhile (it restarted), so a failed exchange on a reused connection
-//! is retried once on a fresh one: appends and votes are idempotent, and
-//! openraft resends snapshot chunks on any error anyway.
+//! One pool per process, keyed by peer address. A call takes an idle
+//! connection (or opens one), and puts it back only after a complete
+//! exchange. openraft keeps one replication connection per follower busy, but
+//! linearizable reads send their own heartbeat round through a fresh
+//! `RaftNetwork` each, votes do the same, and relays keep several batches in
+//! flight: pooling lets those reuse connections instead of opening one per
+//! call. At most [`MAX_IDLE_PER_PEER`] idle connections are kept per peer,
+//! none older than [`IDLE_MAX`], and one found closed by the peer (it
+//! restarted or stopped) is dropped when taken. A pooled connection can still
+//! die between that check and the exchange; callers whose requests are
+//! idempotent (appends, votes; openraft resends snapshot chunks on any error
+//! anyway) ask for one retry on a fresh connection ([`Retry::OnFresh`]),
+//! relays do not (a batch of writes may have been applied).
 //!
 //! ## Server side: [`accept_upgrade`] and [`serve`]
 //! Each accepted stream is served by its own task until the client closes it,
@@ -52,10 +57,14 @@
 //! whatever serves the address next, instead of talking to a stopped `Raft`).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
@@ -63,7 +72,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 
 use crate::network::{handle_append, handle_snapshot, handle_vote, WireError, WIRE_VERSION};
-use crate::types::{NodeId, Raft};
+use crate::types::Raft;
 
 /// Path of the upgrade request.
 pub const PATH_STREAM: &str = "/raft/stream";
@@ -72,8 +81,8 @@ pub const PROTOCOL: &str = "jobsched-raft/1";
 /// Largest frame either side accepts (an append of many large batches stays
 /// far below; a bigger request is split by openraft on `PayloadTooLarge`).
 pub const MAX_FRAME: usize = 1 << 30;
-/// Idle connections kept per peer.
-pub const MAX_IDLE_PER_PEER: usize = 4;
+/// Idle connections kept per peer (Raft RPCs and relay batches share them).
+pub const MAX_IDLE_PER_PEER: usize = 8;
 /// An idle connection older than this is closed rather than reused.
 pub const IDLE_MAX: Duration = Duration::from_secs(30);
 /// How long a peer that refused the upgrade is reached over plain HTTP.
@@ -91,6 +100,21 @@ pub enum RpcKind {
     Append = 1,
     Vote = 2,
     Snapshot = 3,
+    /// Served by the application's [`AppRpc`] handler.
+    App = 4,
+}
+
+/// The application's handler for [`RpcKind::App`] frames: takes the request
+/// body, returns the answer body, or why the body could not be decoded (the
+/// stream then answers status 1 and closes).
+pub type AppRpc = Arc<dyn Fn(Bytes) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send>> + Send + Sync>;
+
+/// Should a failed exchange on a pooled connection be tried again on a fresh
+/// one? Only for idempotent requests (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    OnFresh,
+    Never,
 }
 
 const STATUS_OK: u8 = 0;
@@ -103,6 +127,15 @@ pub fn request_frame<T: Serialize>(kind: RpcKind, req: &T) -> Result<Vec<u8>, Wi
     frame.push(kind as u8);
     frame.push(WIRE_VERSION);
     bincode::serialize_into(&mut frame, req).map_err(WireError::Encode)?;
+    seal(frame)
+}
+
+/// A request frame around an already encoded body.
+pub fn raw_frame(kind: RpcKind, body: &[u8]) -> Result<Vec<u8>, WireError> {
+    let mut frame = Vec::with_capacity(5 + body.len());
+    frame.extend_from_slice(&[0; 4]);
+    frame.push(kind as u8);
+    frame.extend_from_slice(body);
     seal(frame)
 }
 
@@ -149,10 +182,11 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<Vec<u8
 /// header, spawn the task that serves the connection once the HTTP server has
 /// handed it over, and return the `101` answer for the server to send.
 /// Anything else gets `426 Upgrade Required`. `stopping` turns true when the
-/// node shuts down.
+/// node shuts down; `app` serves [`RpcKind::App`] frames (none: refused).
 pub fn accept_upgrade<B>(
     raft: &Raft,
     stopping: &watch::Receiver<bool>,
+    app: Option<AppRpc>,
     req: &mut http::Request<B>,
 ) -> http::Response<()> {
     let wanted = req.headers().get(http::header::UPGRADE).and_then(|v| v.to_str().ok());
@@ -161,7 +195,7 @@ pub fn accept_upgrade<B>(
         let (raft, stopping) = (raft.clone(), stopping.clone());
         tokio::spawn(async move {
             match on_upgrade.await {
-                Ok(upgraded) => serve(&raft, hyper_util::rt::TokioIo::new(upgraded), stopping).await,
+                Ok(upgraded) => serve(&raft, hyper_util::rt::TokioIo::new(upgraded), stopping, app).await,
                 Err(e) => tracing::debug!("peer stream upgrade failed: {e}"),
             }
         });
@@ -180,7 +214,12 @@ pub fn accept_upgrade<B>(
 /// Serve one peer stream: answer request frames in order until the client
 /// closes it, it idles for [`SERVER_IDLE`], it sends a frame we cannot decode
 /// (answered with status 1, then closed), or `stopping` turns true.
-pub async fn serve<IO: AsyncRead + AsyncWrite + Unpin>(raft: &Raft, io: IO, mut stopping: watch::Receiver<bool>) {
+pub async fn serve<IO: AsyncRead + AsyncWrite + Unpin>(
+    raft: &Raft,
+    io: IO,
+    mut stopping: watch::Receiver<bool>,
+    app: Option<AppRpc>,
+) {
     let mut io = BufReader::new(io);
     loop {
         // Why select on `stopping`: the stream outlives the HTTP server's
@@ -203,14 +242,15 @@ pub async fn serve<IO: AsyncRead + AsyncWrite + Unpin>(raft: &Raft, io: IO, mut 
                 return;
             }
         };
-        let (answer, keep_open) = match dispatch(raft, &frame).await.and_then(|body| answer_frame(STATUS_OK, &body)) {
-            Ok(answer) => (answer, true),
-            Err(e) => {
-                tracing::warn!("bad peer stream request: {e}");
-                let text = e.to_string();
-                (answer_frame(STATUS_ERROR, text.as_bytes()).unwrap_or_default(), false)
-            }
-        };
+        let (answer, keep_open) =
+            match dispatch(raft, app.as_ref(), frame).await.and_then(|body| answer_frame(STATUS_OK, &body)) {
+                Ok(answer) => (answer, true),
+                Err(e) => {
+                    tracing::warn!("bad peer stream request: {e}");
+                    let text = e.to_string();
+                    (answer_frame(STATUS_ERROR, text.as_bytes()).unwrap_or_default(), false)
+                }
+            };
         if let Err(e) = io.get_mut().write_all(&answer).await {
             tracing::debug!("peer stream write failed: {e}");
             return;
@@ -221,13 +261,18 @@ pub async fn serve<IO: AsyncRead + AsyncWrite + Unpin>(raft: &Raft, io: IO, mut 
     }
 }
 
-/// Hand a request frame's body to the local `Raft`; the answer body.
-async fn dispatch(raft: &Raft, frame: &[u8]) -> Result<Vec<u8>, WireError> {
+/// Hand a request frame's body to the local `Raft` (or the application);
+/// the answer body.
+async fn dispatch(raft: &Raft, app: Option<&AppRpc>, frame: Vec<u8>) -> Result<Vec<u8>, WireError> {
     match frame.split_first() {
         None => Err(WireError::Empty),
         Some((&kind, body)) if kind == RpcKind::Append as u8 => handle_append(raft, body).await,
         Some((&kind, body)) if kind == RpcKind::Vote as u8 => handle_vote(raft, body).await,
         Some((&kind, body)) if kind == RpcKind::Snapshot as u8 => handle_snapshot(raft, body).await,
+        Some((&kind, _)) if kind == RpcKind::App as u8 && app.is_some() => {
+            let app = app.expect("checked");
+            app(Bytes::from(frame).slice(1..)).await.map_err(WireError::App)
+        }
         Some((&kind, _)) => Err(WireError::UnknownKind(kind)),
     }
 }
@@ -259,6 +304,18 @@ struct PeerStream {
 }
 
 impl PeerStream {
+    /// Has the peer closed this idle connection (or, against the protocol,
+    /// sent something unasked)? A peer that stops or restarts closes its end;
+    /// seeing that here costs one non-blocking read and saves an exchange
+    /// that would fail.
+    fn closed_by_peer(&self) -> bool {
+        if !self.io.buffer().is_empty() {
+            return true;
+        }
+        let mut probe = [0u8; 1];
+        !matches!(self.io.get_ref().try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
     async fn connect(addr: &str, bind: Option<IpAddr>) -> Result<PeerStream, ExchangeError> {
         let target = tokio::net::lookup_host(addr)
             .await
@@ -338,10 +395,11 @@ struct PeerConnections {
     http_only_until: Option<Instant>,
 }
 
-/// The process's peer connections (see the module docs).
+/// The process's peer connections (see the module docs), by peer address
+/// (`host:port`).
 pub struct StreamPool {
     bind: Option<IpAddr>,
-    peers: Mutex<HashMap<NodeId, PeerConnections>>,
+    peers: Mutex<HashMap<String, PeerConnections>>,
 }
 
 impl StreamPool {
@@ -350,74 +408,81 @@ impl StreamPool {
         StreamPool { bind, peers: Mutex::new(HashMap::new()) }
     }
 
-    /// Is `target` to be reached over plain HTTP for now (it refused the
+    /// Is `addr` to be reached over plain HTTP for now (it refused the
     /// upgrade recently)?
-    pub fn http_only(&self, target: NodeId) -> bool {
+    pub fn http_only(&self, addr: &str) -> bool {
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        peers.get(&target).and_then(|p| p.http_only_until).is_some_and(|until| Instant::now() < until)
+        peers.get(addr).and_then(|p| p.http_only_until).is_some_and(|until| Instant::now() < until)
     }
 
-    fn mark_http_only(&self, target: NodeId) {
+    fn mark_http_only(&self, addr: &str) {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        let peer = peers.entry(target).or_default();
+        let peer = peers.entry(addr.to_owned()).or_default();
         peer.http_only_until = Some(Instant::now() + HTTP_ONLY_FOR);
         peer.idle.clear();
     }
 
-    fn take_idle(&self, target: NodeId) -> Option<PeerStream> {
+    fn take_idle(&self, addr: &str) -> Option<PeerStream> {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        let idle = &mut peers.get_mut(&target)?.idle;
-        // Newest last: reuse it; drop the ones that idled too long.
+        let idle = &mut peers.get_mut(addr)?.idle;
+        // Newest last: reuse it; drop the ones that idled too long or that
+        // the peer has closed.
         while let Some(stream) = idle.pop() {
-            if stream.idle_since.elapsed() < IDLE_MAX {
+            if stream.idle_since.elapsed() < IDLE_MAX && !stream.closed_by_peer() {
                 return Some(stream);
             }
         }
         None
     }
 
-    fn put_back(&self, target: NodeId, mut stream: PeerStream) {
+    fn put_back(&self, addr: &str, mut stream: PeerStream) {
         stream.idle_since = Instant::now();
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        let idle = &mut peers.entry(target).or_default().idle;
+        let idle = match peers.get_mut(addr) {
+            Some(peer) => &mut peer.idle,
+            None => &mut peers.entry(addr.to_owned()).or_default().idle,
+        };
         if idle.len() < MAX_IDLE_PER_PEER {
             idle.push(stream);
         }
     }
 
-    /// Send one request frame to `target` at `addr` and return the answer's
+    /// Send one request frame to the peer at `addr` and return the answer's
     /// body. Cancel-safe: a dropped call drops the connection it was using.
-    pub async fn call(&self, target: NodeId, addr: &str, frame: &[u8]) -> Result<Vec<u8>, ExchangeError> {
-        if let Some(mut stream) = self.take_idle(target) {
+    /// An error other than [`ExchangeError::Connect`] or
+    /// [`ExchangeError::NotSupported`] means the request may have been
+    /// served.
+    pub async fn call(&self, addr: &str, frame: &[u8], retry: Retry) -> Result<Vec<u8>, ExchangeError> {
+        if let Some(mut stream) = self.take_idle(addr) {
             match stream.exchange(frame).await {
                 Ok(answer) => {
-                    self.put_back(target, stream);
+                    self.put_back(addr, stream);
                     return Ok(answer);
                 }
-                // The peer may have closed this pooled connection (it
-                // restarted); one more try on a fresh one.
-                Err(ExchangeError::Io(e)) => tracing::debug!(target, "pooled peer stream failed ({e}); reconnecting"),
+                Err(ExchangeError::Io(e)) if retry == Retry::OnFresh => {
+                    tracing::debug!(addr, "pooled peer stream failed ({e}); reconnecting")
+                }
                 Err(e) => return Err(e),
             }
         }
         let mut stream = match PeerStream::connect(addr, self.bind).await {
             Ok(stream) => stream,
             Err(e @ ExchangeError::NotSupported(_)) => {
-                tracing::info!(target, addr, "{e}: using HTTP for this peer for {HTTP_ONLY_FOR:?}");
-                self.mark_http_only(target);
+                tracing::info!(addr, "{e}: using HTTP for this peer for {HTTP_ONLY_FOR:?}");
+                self.mark_http_only(addr);
                 return Err(e);
             }
             Err(e) => return Err(e),
         };
         let answer = stream.exchange(frame).await?;
-        self.put_back(target, stream);
+        self.put_back(addr, stream);
         Ok(answer)
     }
 
-    /// Idle connections held for `target` (tests).
-    pub fn idle_count(&self, target: NodeId) -> usize {
+    /// Idle connections held for `addr` (tests).
+    pub fn idle_count(&self, addr: &str) -> usize {
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        peers.get(&target).map_or(0, |p| p.idle.len())
+        peers.get(addr).map_or(0, |p| p.idle.len())
     }
 }
 

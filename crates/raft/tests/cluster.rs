@@ -29,6 +29,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use jobsched_core::{Batch, Command, JobSpec, Outcome};
+use jobsched_raft::peer_stream::StreamPool;
 use jobsched_raft::{
     handle_append, handle_snapshot, handle_vote, initialize_cluster, open_stores, peer_stream, raft_config, BasicNode,
     ElectionTiming, Elector, Network, Raft, SmKv, WireError, PATH_PREVOTE,
@@ -85,7 +86,9 @@ async fn prevote(State(p): Shared, body: Bytes) -> Response {
 
 async fn stream(State(p): Shared, mut req: axum::extract::Request) -> Response {
     p.streams_accepted.fetch_add(1, Ordering::Relaxed);
-    peer_stream::accept_upgrade(&p.raft, &p.stopping, &mut req).map(|()| axum::body::Body::empty()).into_response()
+    peer_stream::accept_upgrade(&p.raft, &p.stopping, None, &mut req)
+        .map(|()| axum::body::Body::empty())
+        .into_response()
 }
 
 /// Start a node. `streams`: serve `GET /raft/stream` (false plays a build
@@ -97,7 +100,10 @@ async fn start_node(id: u64, addr: SocketAddr, client: reqwest::Client, streams:
     // Keep no log behind a snapshot, so node 3 needs the snapshot.
     let mut config = raft_config(50, 300, 600, 20, 0).unwrap();
     config.purge_batch_size = 1;
-    let raft = Raft::new(id, Arc::new(config), Network::new(client.clone(), None), log.clone(), sm).await.unwrap();
+    let raft =
+        Raft::new(id, Arc::new(config), Network::new(client.clone(), Arc::new(StreamPool::new(None))), log.clone(), sm)
+            .await
+            .unwrap();
     let timing = ElectionTiming::new(Duration::from_millis(300), Duration::from_millis(600));
     let elector = Elector::new(id, raft.clone(), log, client, timing, true);
     tokio::spawn(elector.clone().run());

@@ -17,7 +17,9 @@ pub mod raft_rpc;
 pub mod relay_batch;
 pub mod workers;
 
-use axum::extract::DefaultBodyLimit;
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, State};
 use axum::routing::{get, post};
 use axum::Router;
 
@@ -42,11 +44,20 @@ pub fn router(node: SharedNode) -> Router {
         .layer(axum::middleware::from_fn_with_state(node.clone(), forward::forward_to_leader))
         // Bodies over the limit get 413 from our extractors.
         .layer(DefaultBodyLimit::max(node.config.max_body_bytes));
-    // Batched relays from followers run through the very same API router.
+    // Batched relays from followers run through the very same API router,
+    // arriving on peer streams (as application frames) or as POST bodies.
     let api_service: Router = api.clone().with_state(node.clone());
+    let relay_api = api_service.clone();
+    let relays: jobsched_raft::peer_stream::AppRpc =
+        Arc::new(move |body| Box::pin(relay_batch::answer_batch(relay_api.clone(), body)));
     // Peers are trusted and appends/snapshot chunks can be large: no limit.
     let raft = Router::new()
-        .route(jobsched_raft::peer_stream::PATH_STREAM, get(raft_rpc::stream))
+        .route(
+            jobsched_raft::peer_stream::PATH_STREAM,
+            get(move |node: State<SharedNode>, req: axum::extract::Request| {
+                raft_rpc::stream(node, relays.clone(), req)
+            }),
+        )
         .route("/raft/append", post(raft_rpc::append))
         .route("/raft/vote", post(raft_rpc::vote))
         .route("/raft/snapshot", post(raft_rpc::snapshot))

@@ -21,9 +21,14 @@ fn reply(result: Result<Vec<u8>, jobsched_raft::WireError>) -> Response {
 }
 
 /// `GET /raft/stream`: hand the connection over to the raft crate's peer
-/// stream server (101), or 426 without the right `Upgrade` header.
-pub async fn stream(State(node): State<SharedNode>, mut req: axum::extract::Request) -> Response {
-    jobsched_raft::peer_stream::accept_upgrade(&node.raft, &node.stopping, &mut req)
+/// stream server (101), or 426 without the right `Upgrade` header. `relays`
+/// answers the followers' relay batches sent on the stream.
+pub async fn stream(
+    State(node): State<SharedNode>,
+    relays: jobsched_raft::peer_stream::AppRpc,
+    mut req: axum::extract::Request,
+) -> Response {
+    jobsched_raft::peer_stream::accept_upgrade(&node.raft, &node.stopping, Some(relays), &mut req)
         .map(|()| axum::body::Body::empty())
         .into_response()
 }

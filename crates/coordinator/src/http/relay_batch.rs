@@ -2,10 +2,13 @@
 //!
 //! Instead of one HTTP request to the leader per relayed client request, a
 //! follower queues them and sends whatever is queued as one batch to the
-//! leader's internal `POST /raft/relay`. The leader runs every item through
-//! its own API router in-process (so each item gets exactly the handling,
-//! validation and errors it would get if the client had called the leader)
-//! and answers with all the responses at once.
+//! leader, as an application frame on a peer stream
+//! (`jobsched_raft::peer_stream`, the connections Raft RPCs use) or, to a
+//! leader that does not speak peer streams, as `POST /raft/relay` (same
+//! body). The leader runs every item through its own API router in-process
+//! (so each item gets exactly the handling, validation and errors it would
+//! get if the client had called the leader) and answers with all the
+//! responses at once.
 //!
 //! Why: on a loaded cluster two of three client requests land on followers.
 //! A relay per request costs the follower an HTTP client round and the
@@ -25,7 +28,8 @@
 //! could not be delivered (connection refused) is `NotDelivered` for every
 //! item, so each may be retried on the next leader; a batch that was sent
 //! but not answered is `Unknown` for every item (any of them may have been
-//! applied). A caller that stops waiting (its leader moved away) simply
+//! applied). For the same reason a batch is never resent on another
+//! connection after a pooled one fails (`Retry::Never`). A caller that stops waiting (its leader moved away) simply
 //! drops its reply; a batch whose callers have all gone is abandoned.
 //!
 //! Wire format (peers only, not a public API): a version byte, a `u32` item
@@ -40,6 +44,7 @@ use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use jobsched_raft::peer_stream::{raw_frame, ExchangeError, Retry, RpcKind, StreamPool};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tower::ServiceExt;
 
@@ -96,6 +101,7 @@ pub enum BatchError {
 }
 
 struct Queued {
+    /// The leader's address, `host:port`.
     leader: String,
     item: RelayItem,
     reply: oneshot::Sender<Result<RelayReply, BatchError>>,
@@ -116,10 +122,11 @@ struct Counts {
 }
 
 impl RelayBatcher {
-    pub fn start(http: reqwest::Client) -> RelayBatcher {
+    /// `streams`: the process's peer-stream pool; `http`: the fallback.
+    pub fn start(http: reqwest::Client, streams: Arc<StreamPool>) -> RelayBatcher {
         let (tx, rx) = mpsc::channel(MAX_ITEMS * MAX_IN_FLIGHT * 4);
         let counts = Arc::new(Counts::default());
-        tokio::spawn(run(http, rx, counts.clone()));
+        tokio::spawn(run(Transport { http, streams }, rx, counts.clone()));
         RelayBatcher { tx, counts }
     }
 
@@ -144,7 +151,14 @@ impl RelayBatcher {
     }
 }
 
-async fn run(http: reqwest::Client, mut rx: mpsc::Receiver<Queued>, counts: Arc<Counts>) {
+/// How batches reach the leader: a peer stream, else HTTP.
+#[derive(Clone)]
+struct Transport {
+    http: reqwest::Client,
+    streams: Arc<StreamPool>,
+}
+
+async fn run(transport: Transport, mut rx: mpsc::Receiver<Queued>, counts: Arc<Counts>) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     // An item for another leader than the batch being filled waits here for
     // the next batch (leaders change rarely, so this is almost always None).
@@ -177,21 +191,63 @@ async fn run(http: reqwest::Client, mut rx: mpsc::Receiver<Queued>, counts: Arc<
         }
         counts.batches.fetch_add(1, Ordering::Relaxed);
         counts.items.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        let http = http.clone();
+        let transport = transport.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            send_batch(&http, &leader, batch).await;
+            send_batch(&transport, &leader, batch).await;
         });
     }
 }
 
-async fn send_batch(http: &reqwest::Client, leader: &str, batch: Vec<Queued>) {
+/// Send one encoded batch over a peer stream; `None`: the leader does not
+/// speak peer streams, use HTTP.
+async fn exchange_stream(
+    streams: &StreamPool,
+    leader: &str,
+    body: &[u8],
+) -> Option<Result<Vec<RelayReply>, BatchError>> {
+    if streams.http_only(leader) {
+        return None;
+    }
+    let frame = match raw_frame(RpcKind::App, body) {
+        Ok(frame) => frame,
+        Err(e) => {
+            tracing::warn!(leader, "relay batch not sent: {e}");
+            return Some(Err(BatchError::NotDelivered));
+        }
+    };
+    let answer = match tokio::time::timeout(BATCH_TIMEOUT, streams.call(leader, &frame, Retry::Never)).await {
+        Err(_) => {
+            tracing::warn!(leader, "relay batch: no answer within {BATCH_TIMEOUT:?}");
+            return Some(Err(BatchError::Unknown));
+        }
+        Ok(Ok(answer)) => answer,
+        Ok(Err(ExchangeError::NotSupported(_))) => return None,
+        Ok(Err(e @ ExchangeError::Connect(_))) => {
+            tracing::debug!(leader, "leader unreachable: {e}");
+            return Some(Err(BatchError::NotDelivered));
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(leader, "relay batch failed: {e}");
+            return Some(Err(BatchError::Unknown));
+        }
+    };
+    Some(decode_replies(&Bytes::from(answer)).map_err(|e| {
+        tracing::warn!(leader, "relay batch answer unreadable: {e}");
+        BatchError::Unknown
+    }))
+}
+
+async fn send_batch(transport: &Transport, leader: &str, batch: Vec<Queued>) {
     let (items, mut replies): (Vec<RelayItem>, Vec<_>) = batch.into_iter().map(|q| (q.item, q.reply)).unzip();
     let body = encode_items(&items);
     drop(items);
     let url = format!("http://{leader}{PATH_RELAY}");
     let exchange = async {
-        let resp = match http.post(&url).timeout(BATCH_TIMEOUT).body(body).send().await {
+        if let Some(result) = exchange_stream(&transport.streams, leader, &body).await {
+            return result;
+        }
+        let resp = match transport.http.post(&url).timeout(BATCH_TIMEOUT).body(body).send().await {
             Ok(r) => r,
             Err(e) if e.is_connect() => {
                 tracing::debug!(leader, "leader unreachable: {e}");
@@ -244,14 +300,21 @@ async fn send_batch(http: &reqwest::Client, leader: &str, batch: Vec<Queued>) {
     }
 }
 
-/// The leader side of `POST /raft/relay`: run each item through `api` (the
-/// public API router) concurrently, so their commands can share Raft entries,
-/// and answer with every response in item order.
+/// The leader side of `POST /raft/relay` (the HTTP fallback of
+/// [`answer_batch`]).
 pub async fn serve(api: Router, body: Bytes) -> Response {
-    let items = match decode_items(&body) {
-        Ok(items) => items,
-        Err(e) => return super::error::ApiError::BadRequest(format!("relay batch: {e}")).into_response(),
-    };
+    match answer_batch(api, body).await {
+        Ok(answer) => ([(axum::http::header::CONTENT_TYPE, "application/octet-stream")], answer).into_response(),
+        Err(e) => super::error::ApiError::BadRequest(format!("relay batch: {e}")).into_response(),
+    }
+}
+
+/// The leader side of a relay batch: run each item through `api` (the public
+/// API router) concurrently, so their commands can share Raft entries, and
+/// return every response in item order, encoded. `Err`: the batch does not
+/// decode.
+pub async fn answer_batch(api: Router, body: Bytes) -> Result<Vec<u8>, String> {
+    let items = decode_items(&body)?;
     let answers = futures::future::join_all(items.into_iter().map(|item| {
         let api = api.clone();
         async move {
@@ -284,7 +347,7 @@ pub async fn serve(api: Router, body: Bytes) -> Response {
         }
     }))
     .await;
-    ([(axum::http::header::CONTENT_TYPE, "application/octet-stream")], encode_replies(&answers)).into_response()
+    Ok(encode_replies(&answers))
 }
 
 fn error_reply(status: StatusCode, msg: &str) -> RelayReply {
