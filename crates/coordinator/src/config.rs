@@ -75,9 +75,9 @@ pub struct Config {
     pub max_batch: usize,
     /// Largest request body, bytes. Default 1048576.
     pub max_body_bytes: usize,
-    /// Followers send their relays to the leader in batches (one HTTP
-    /// request carries all queued ones; see `http::relay_batch`). `false`:
-    /// one HTTP request per relay, for comparison. Default true.
+    /// Followers send their relays to the leader in batches (one message on
+    /// a peer stream carries all queued ones; see `http::relay_batch`).
+    /// `false`: one HTTP request per relay, for comparison. Default true.
     #[serde(default = "default_true")]
     pub relay_batching: bool,
     /// Elections run by our own timer with a pre-vote round
