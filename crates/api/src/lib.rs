@@ -83,18 +83,78 @@ pub struct JobView {
     /// Fencing token of the current (or last) lease; complete/heartbeat must
     /// carry it.
     pub fencing_token: Option<u64>,
+    #[serde(serialize_with = "time_json::rfc3339_opt")]
     pub lease_expires_at: Option<DateTime<Utc>>,
     /// When the job is (or was) next runnable.
+    #[serde(serialize_with = "time_json::rfc3339")]
     pub run_at: DateTime<Utc>,
     pub timeout_seconds: Option<f64>,
+    #[serde(serialize_with = "time_json::rfc3339")]
     pub created_at: DateTime<Utc>,
+    #[serde(serialize_with = "time_json::rfc3339_opt")]
     pub started_at: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "time_json::rfc3339_opt")]
     pub completed_at: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "time_json::rfc3339")]
     pub updated_at: DateTime<Utc>,
     pub last_error: Option<String>,
     #[schema(value_type = Option<Object>)]
     pub result: Option<Value>,
     pub request_id: Option<String>,
+}
+
+/// Timestamps in answers, written without `core::fmt`.
+///
+/// Why: chrono serializes a `DateTime` through `Display` and serde_json's
+/// `collect_str`, which escapes every formatted piece on its own; with up to
+/// six timestamps per job view, that was two thirds of the leader's JSON
+/// serialization under the end-to-end benchmark. The text is exactly
+/// chrono's (RFC 3339, `Z`, fraction only when non-zero: `.mmm` for whole
+/// milliseconds, which is all we store); anything else (sub-millisecond
+/// fractions, years outside 0..=9999) is left to chrono. Parsing is chrono's.
+pub mod time_json {
+    use chrono::{DateTime, Datelike, Timelike, Utc};
+    use serde::{Serialize, Serializer};
+
+    /// `serialize_with` for `DateTime<Utc>`.
+    pub fn rfc3339<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        let nano = t.nanosecond();
+        let year = t.year();
+        if !(0..=9999).contains(&year) || !nano.is_multiple_of(1_000_000) || nano >= 1_000_000_000 {
+            return t.serialize(s);
+        }
+        let mut buf = *b"0000-00-00T00:00:00.000Z";
+        let put = |buf: &mut [u8; 24], at: usize, value: u32, digits: usize| {
+            let mut v = value;
+            for i in (0..digits).rev() {
+                buf[at + i] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        };
+        put(&mut buf, 0, year as u32, 4);
+        put(&mut buf, 5, t.month(), 2);
+        put(&mut buf, 8, t.day(), 2);
+        put(&mut buf, 11, t.hour(), 2);
+        put(&mut buf, 14, t.minute(), 2);
+        put(&mut buf, 17, t.second(), 2);
+        let millis = nano / 1_000_000;
+        let text = if millis == 0 {
+            buf[19] = b'Z';
+            &buf[..20]
+        } else {
+            put(&mut buf, 20, millis, 3);
+            &buf[..]
+        };
+        s.serialize_str(std::str::from_utf8(text).expect("ASCII digits and separators"))
+    }
+
+    /// `serialize_with` for `Option<DateTime<Utc>>` (`null` for `None`).
+    pub fn rfc3339_opt<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => rfc3339(t, s),
+            None => s.serialize_none(),
+        }
+    }
 }
 
 pub fn millis_to_time(ms: i64) -> DateTime<Utc> {
@@ -292,7 +352,9 @@ pub struct WorkerView {
     pub job_types: Vec<String>,
     /// Active or Dead.
     pub status: String,
+    #[serde(serialize_with = "time_json::rfc3339")]
     pub registered_at: DateTime<Utc>,
+    #[serde(serialize_with = "time_json::rfc3339")]
     pub last_heartbeat_at: DateTime<Utc>,
 }
 
@@ -417,4 +479,59 @@ pub struct ErrorDetail {
     /// The leader's API address, when known (on no_leader / redirects).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leader: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{DateTime, TimeZone, Utc};
+    use serde::Serialize;
+
+    #[derive(Serialize)]
+    struct Ours(#[serde(serialize_with = "super::time_json::rfc3339")] DateTime<Utc>);
+
+    #[derive(Serialize)]
+    struct OursOpt(#[serde(serialize_with = "super::time_json::rfc3339_opt")] Option<DateTime<Utc>>);
+
+    fn same_as_chrono(t: DateTime<Utc>) {
+        let chrono_text = serde_json::to_string(&t).unwrap();
+        assert_eq!(serde_json::to_string(&Ours(t)).unwrap(), chrono_text, "{t:?}");
+        assert_eq!(serde_json::to_string(&OursOpt(Some(t))).unwrap(), chrono_text, "{t:?}");
+        // And it reads back as the same instant.
+        assert_eq!(serde_json::from_str::<DateTime<Utc>>(&chrono_text).unwrap(), t);
+    }
+
+    #[test]
+    fn timestamps_are_written_exactly_as_chrono_writes_them() {
+        let edges = [
+            0i64,
+            -1,
+            1,
+            999,
+            1_000,
+            1_001,
+            59_999,
+            86_399_999,
+            951_782_400_000,     // 2000-02-29
+            1_700_000_000_123,   // a recent instant with millis
+            -62_135_596_800_000, // 0001-01-01
+            253_402_300_799_999, // 9999-12-31T23:59:59.999
+            253_402_300_800_000, // 10000-01-01: chrono's signed year
+            -62_167_219_200_001, // before year 0: chrono's signed year
+        ];
+        for ms in edges {
+            same_as_chrono(super::millis_to_time(ms));
+        }
+        // A deterministic spread over years 1..9999.
+        let (lo, hi) = (-62_135_596_800_000i64, 253_402_300_799_999i64);
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..20_000 {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            let ms = lo + (x >> 1) as i64 % (hi - lo);
+            same_as_chrono(super::millis_to_time(ms));
+        }
+        // Sub-millisecond fractions are left to chrono.
+        same_as_chrono(Utc.timestamp_opt(1_700_000_000, 123_456_000).unwrap());
+        same_as_chrono(Utc.timestamp_opt(1_700_000_000, 7).unwrap());
+        assert_eq!(serde_json::to_string(&OursOpt(None)).unwrap(), "null");
+    }
 }
