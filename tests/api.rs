@@ -250,6 +250,34 @@ async fn long_poll_acquire_wakes_on_submit() {
     assert!(started.elapsed() < Duration::from_secs(10), "long poll did not wake: {:?}", started.elapsed());
 }
 
+/// Steps: worker A long-polls through a follower and its client gives up
+/// after 1 s (the connection closes); then a job is submitted and worker B
+/// asks for it. B must get it: the relayed poll A abandoned must have been
+/// cancelled on the leader too, not left waiting to lease the job to a
+/// client that is gone (it would sit Running until its lease expired).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_long_poll_through_a_follower_takes_no_job() {
+    let c = Cluster::start(Opts::default()).await;
+    let leader = c.leader(Duration::from_secs(10)).await;
+    let f = c.follower().await;
+    let a = c.register_worker(leader, &["abandoned"], 1).await;
+    let b = c.register_worker(leader, &["abandoned"], 1).await;
+    let impatient = reqwest::Client::builder().timeout(Duration::from_secs(1)).build().unwrap();
+    let gave_up = impatient
+        .post(format!("{}/api/jobs/acquire", c.url(f)))
+        .json(&json!({"workerId": a, "waitSeconds": 20}))
+        .send()
+        .await;
+    assert!(gave_up.is_err_and(|e| e.is_timeout()), "the client gave up on its long poll");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let job = c.submit(leader, "abandoned", json!({})).await;
+    let (st, acq) = c.post(leader, "/api/jobs/acquire", json!({"workerId": b, "waitSeconds": 5})).await;
+    assert_eq!(st, 200, "{acq}");
+    assert_eq!(acq["jobs"][0]["id"], job["id"], "worker B got the job: {acq}");
+    let (_, view) = c.get(leader, &format!("/api/jobs/{}", job["id"].as_str().unwrap())).await;
+    assert_eq!(view["workerId"].as_str(), Some(b.as_str()), "{view}");
+}
+
 /// Steps: send each kind of bad input to a follower and to the leader: the
 /// status and error code match the table, and the job count is unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

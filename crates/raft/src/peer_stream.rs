@@ -67,7 +67,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use serde::Serialize;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 
@@ -242,15 +242,29 @@ pub async fn serve<IO: AsyncRead + AsyncWrite + Unpin>(
                 return;
             }
         };
-        let (answer, keep_open) =
-            match dispatch(raft, app.as_ref(), frame).await.and_then(|body| answer_frame(STATUS_OK, &body)) {
-                Ok(answer) => (answer, true),
-                Err(e) => {
-                    tracing::warn!("bad peer stream request: {e}");
-                    let text = e.to_string();
-                    (answer_frame(STATUS_ERROR, text.as_bytes()).unwrap_or_default(), false)
-                }
-            };
+        // Why watch the connection while the request runs: a relayed long
+        // poll can wait 30 s, and if the follower gives up on it (its client
+        // went away) it closes the connection; the request must be dropped
+        // here too, or it could still lease jobs to nobody, which hyper
+        // does not let an HTTP request do either. The client sends nothing
+        // else until it has our answer, so anything readable now is the
+        // close (or a broken peer); if bytes do arrive, stop watching and
+        // leave them for the next frame.
+        let served = tokio::select! {
+            served = dispatch(raft, app.as_ref(), frame) => served,
+            () = peer_gone(&mut io) => {
+                tracing::debug!("peer closed the stream while its request was served");
+                return;
+            }
+        };
+        let (answer, keep_open) = match served.and_then(|body| answer_frame(STATUS_OK, &body)) {
+            Ok(answer) => (answer, true),
+            Err(e) => {
+                tracing::warn!("bad peer stream request: {e}");
+                let text = e.to_string();
+                (answer_frame(STATUS_ERROR, text.as_bytes()).unwrap_or_default(), false)
+            }
+        };
         if let Err(e) = io.get_mut().write_all(&answer).await {
             tracing::debug!("peer stream write failed: {e}");
             return;
@@ -258,6 +272,15 @@ pub async fn serve<IO: AsyncRead + AsyncWrite + Unpin>(
         if !keep_open {
             return;
         }
+    }
+}
+
+/// Resolves when the peer closes the connection or it fails; never, if the
+/// peer sends data instead (that stays buffered for the next read).
+async fn peer_gone<R: AsyncBufRead + Unpin>(io: &mut R) {
+    match io.fill_buf().await {
+        Ok([]) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
     }
 }
 

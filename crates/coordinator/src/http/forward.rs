@@ -167,7 +167,8 @@ async fn read_limited(body: Body, limit: usize) -> Option<Bytes> {
 const REQUEST_HEADERS: [&str; 3] = ["content-type", "idempotency-key", "accept"];
 pub(crate) const RESPONSE_HEADERS: [&str; 3] = ["content-type", "location", "retry-after"];
 
-/// Long polls stay out of relay batches (see [`super::relay_batch`]).
+/// Long polls stay out of relay batches (see [`super::relay_batch`]); they
+/// are relayed alone, on a peer stream of their own while they wait.
 fn batchable(uri: &Uri) -> bool {
     uri.path() != "/api/jobs/acquire"
 }
@@ -218,6 +219,23 @@ async fn relay(
 ) -> Result<Response, RelayError> {
     if node.config.relay_batching && batchable(uri) {
         return relay_batched(node, leader_addr, relay_item(method, uri, headers, body, hops)).await;
+    }
+    if node.config.relay_batching {
+        // A long poll: alone, but on a peer stream like the batches.
+        let item = relay_item(method, uri, headers, body.clone(), hops);
+        let alone = tokio::select! {
+            r = node.relays.relay_alone(leader_addr, item, RELAY_TIMEOUT) => r,
+            _ = leader_moved_away(node, leader_addr) => {
+                tracing::debug!(leader = leader_addr, "leader changed while relaying");
+                return Err(RelayError::Unknown);
+            }
+        };
+        match alone {
+            Some(Ok(reply)) => return Ok(reply.into_response()),
+            Some(Err(BatchError::NotDelivered)) => return Err(RelayError::NotDelivered),
+            Some(Err(BatchError::Unknown)) => return Err(RelayError::Unknown),
+            None => {} // the leader does not speak peer streams: HTTP below
+        }
     }
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let url = format!("http://{leader_addr}{path}");

@@ -22,7 +22,9 @@
 //!
 //! Not batched: long-poll acquires (`/api/jobs/acquire`). One item that
 //! waits 30 s for work would hold up every other answer in its batch, so
-//! those keep the one-request-per-relay path in [`super::forward`].
+//! each is sent at once as a batch of one ([`RelayBatcher::relay_alone`])
+//! on a peer stream of its own; the leader drops the request if the
+//! follower closes that stream (its client went away).
 //!
 //! Failure semantics per item are the ones a single relay has: a batch that
 //! could not be delivered (connection refused) is `NotDelivered` for every
@@ -112,6 +114,7 @@ struct Queued {
 pub struct RelayBatcher {
     tx: mpsc::Sender<Queued>,
     counts: Arc<Counts>,
+    transport: Transport,
 }
 
 /// Shown on `GET /api/cluster`: how well batching works on this node.
@@ -126,8 +129,9 @@ impl RelayBatcher {
     pub fn start(http: reqwest::Client, streams: Arc<StreamPool>) -> RelayBatcher {
         let (tx, rx) = mpsc::channel(MAX_ITEMS * MAX_IN_FLIGHT * 4);
         let counts = Arc::new(Counts::default());
-        tokio::spawn(run(Transport { http, streams }, rx, counts.clone()));
-        RelayBatcher { tx, counts }
+        let transport = Transport { http, streams };
+        tokio::spawn(run(transport.clone(), rx, counts.clone()));
+        RelayBatcher { tx, counts, transport }
     }
 
     /// Items sent to a leader in batches so far.
@@ -148,6 +152,28 @@ impl RelayBatcher {
             return Err(BatchError::NotDelivered);
         }
         rx.await.unwrap_or(Err(BatchError::Unknown))
+    }
+
+    /// Relay one request on its own, now, as a batch of one on a peer
+    /// stream, waiting up to `timeout`: for long polls, which must not hold
+    /// up a batch. `None`: the leader does not speak peer streams; relay
+    /// over HTTP instead.
+    pub async fn relay_alone(
+        &self,
+        leader: &str,
+        item: RelayItem,
+        timeout: Duration,
+    ) -> Option<Result<RelayReply, BatchError>> {
+        let body = encode_items(std::slice::from_ref(&item));
+        drop(item);
+        let replies = exchange_stream(&self.transport.streams, leader, &body, timeout).await?;
+        Some(replies.and_then(|mut replies| match (replies.pop(), replies.is_empty()) {
+            (Some(reply), true) => Ok(reply),
+            _ => {
+                tracing::error!(leader, "relay of one item: {} answers", replies.len() + 1);
+                Err(BatchError::Unknown)
+            }
+        }))
     }
 }
 
@@ -205,6 +231,7 @@ async fn exchange_stream(
     streams: &StreamPool,
     leader: &str,
     body: &[u8],
+    timeout: Duration,
 ) -> Option<Result<Vec<RelayReply>, BatchError>> {
     if streams.http_only(leader) {
         return None;
@@ -216,9 +243,9 @@ async fn exchange_stream(
             return Some(Err(BatchError::NotDelivered));
         }
     };
-    let answer = match tokio::time::timeout(BATCH_TIMEOUT, streams.call(leader, &frame, Retry::Never)).await {
+    let answer = match tokio::time::timeout(timeout, streams.call(leader, &frame, Retry::Never)).await {
         Err(_) => {
-            tracing::warn!(leader, "relay batch: no answer within {BATCH_TIMEOUT:?}");
+            tracing::warn!(leader, "relay batch: no answer within {timeout:?}");
             return Some(Err(BatchError::Unknown));
         }
         Ok(Ok(answer)) => answer,
@@ -244,7 +271,7 @@ async fn send_batch(transport: &Transport, leader: &str, batch: Vec<Queued>) {
     drop(items);
     let url = format!("http://{leader}{PATH_RELAY}");
     let exchange = async {
-        if let Some(result) = exchange_stream(&transport.streams, leader, &body).await {
+        if let Some(result) = exchange_stream(&transport.streams, leader, &body, BATCH_TIMEOUT).await {
             return result;
         }
         let resp = match transport.http.post(&url).timeout(BATCH_TIMEOUT).body(body).send().await {
