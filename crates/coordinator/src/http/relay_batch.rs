@@ -519,6 +519,42 @@ pub fn decode_replies(buf: &Bytes) -> Result<Vec<RelayReply>, String> {
 mod tests {
     use super::*;
 
+    /// A leader of a build without peer streams (only `POST /raft/relay`,
+    /// `GET /raft/stream` is a 404): batches reach it over HTTP, the pool
+    /// remembers to skip the upgrade, and a long poll relayed alone is
+    /// handed back to the caller's HTTP path (`None`).
+    #[tokio::test]
+    async fn a_leader_without_peer_streams_gets_batches_over_http() {
+        let app = Router::new().route(
+            PATH_RELAY,
+            axum::routing::post(|body: Bytes| async move {
+                let items = decode_items(&body).expect("a relay batch");
+                let replies: Vec<RelayReply> = items
+                    .iter()
+                    .map(|i| RelayReply {
+                        status: StatusCode::CREATED,
+                        headers: vec![],
+                        body: Bytes::from(format!("{} {}", i.method, i.path)),
+                    })
+                    .collect();
+                encode_replies(&replies)
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let streams = Arc::new(StreamPool::new(None));
+        let batcher = RelayBatcher::start(reqwest::Client::new(), streams.clone());
+        let replies = futures::future::join_all((0..5).map(|n| batcher.relay(&addr, item(n)))).await;
+        for (n, reply) in replies.into_iter().enumerate() {
+            let reply = reply.expect("answered over HTTP");
+            assert_eq!(reply.status, StatusCode::CREATED);
+            assert_eq!(reply.body, format!("POST /api/jobs?n={n}"));
+        }
+        assert!(streams.http_only(&addr), "the refused upgrade is remembered");
+        assert!(batcher.relay_alone(&addr, item(9), Duration::from_secs(5)).await.is_none());
+    }
+
     fn item(n: usize) -> RelayItem {
         RelayItem {
             method: Method::POST,
