@@ -140,11 +140,6 @@ impl Network {
     pub fn new(client: reqwest::Client, streams: Arc<StreamPool>) -> Self {
         Network { client, streams }
     }
-
-    /// The peer-stream pool (tests look at it).
-    pub fn streams(&self) -> &Arc<StreamPool> {
-        &self.streams
-    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -209,8 +204,18 @@ impl NetworkConnection {
             Ok(Err(e)) => return Err(RPCError::Network(network_error(format!("{addr}: {e}")))),
             Ok(Ok(answer)) => answer,
         };
+        self.decode_answer(&answer)
+    }
+
+    /// An answer body (either transport): the remote `Raft`'s result.
+    fn decode_answer<Resp, E>(&self, body: &[u8]) -> RpcResult<Resp, E>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let addr = &self.node.addr;
         let res: Result<Resp, RaftError<NodeId, E>> =
-            decode_message(&answer).map_err(|e| RPCError::Network(network_error(format!("{addr}: {e}"))))?;
+            decode_message(body).map_err(|e| RPCError::Network(network_error(format!("{addr}: {e}"))))?;
         res.map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(self.target, self.node.clone(), e)))
     }
 
@@ -243,9 +248,7 @@ impl NetworkConnection {
             return Err(RPCError::Network(network_error(format!("{url}: HTTP {status}: {text}"))));
         }
         let bytes = resp.bytes().await.map_err(|e| transport_error(&e))?;
-        let res: Result<Resp, RaftError<NodeId, E>> =
-            decode_message(&bytes).map_err(|e| RPCError::Network(network_error(format!("{url}: {e}"))))?;
-        res.map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(self.target, self.node.clone(), e)))
+        self.decode_answer(&bytes)
     }
 }
 

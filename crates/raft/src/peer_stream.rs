@@ -132,18 +132,19 @@ pub fn request_frame<T: Serialize>(kind: RpcKind, req: &T) -> Result<Vec<u8>, Wi
 
 /// A request frame around an already encoded body.
 pub fn raw_frame(kind: RpcKind, body: &[u8]) -> Result<Vec<u8>, WireError> {
-    let mut frame = Vec::with_capacity(5 + body.len());
-    frame.extend_from_slice(&[0; 4]);
-    frame.push(kind as u8);
-    frame.extend_from_slice(body);
-    seal(frame)
+    tagged_frame(kind as u8, body)
 }
 
 /// An answer frame: length, status byte, `body`.
 fn answer_frame(status: u8, body: &[u8]) -> Result<Vec<u8>, WireError> {
+    tagged_frame(status, body)
+}
+
+/// Length, one tag byte (a request's kind or an answer's status), `body`.
+fn tagged_frame(tag: u8, body: &[u8]) -> Result<Vec<u8>, WireError> {
     let mut frame = Vec::with_capacity(5 + body.len());
     frame.extend_from_slice(&[0; 4]);
-    frame.push(status);
+    frame.push(tag);
     frame.extend_from_slice(body);
     seal(frame)
 }
@@ -367,18 +368,15 @@ impl PeerStream {
     }
 
     /// Write one request frame and read its answer's body (after the status
-    /// byte, which is checked).
-    async fn exchange(&mut self, frame: &[u8]) -> Result<Vec<u8>, ExchangeError> {
+    /// byte, which is checked; no copy).
+    async fn exchange(&mut self, frame: &[u8]) -> Result<Bytes, ExchangeError> {
         self.io.get_mut().write_all(frame).await.map_err(ExchangeError::Io)?;
-        let mut answer = read_frame(&mut self.io)
+        let answer = read_frame(&mut self.io)
             .await
             .map_err(ExchangeError::Io)?
             .ok_or_else(|| ExchangeError::Io(io::ErrorKind::UnexpectedEof.into()))?;
         match answer.first() {
-            Some(&STATUS_OK) => {
-                answer.remove(0);
-                Ok(answer)
-            }
+            Some(&STATUS_OK) => Ok(Bytes::from(answer).slice(1..)),
             Some(&STATUS_ERROR) => Err(ExchangeError::Rejected(String::from_utf8_lossy(&answer[1..]).into_owned())),
             _ => Err(ExchangeError::Io(io::Error::new(io::ErrorKind::InvalidData, "malformed answer frame"))),
         }
@@ -475,7 +473,7 @@ impl StreamPool {
     /// An error other than [`ExchangeError::Connect`] or
     /// [`ExchangeError::NotSupported`] means the request may have been
     /// served.
-    pub async fn call(&self, addr: &str, frame: &[u8], retry: Retry) -> Result<Vec<u8>, ExchangeError> {
+    pub async fn call(&self, addr: &str, frame: &[u8], retry: Retry) -> Result<Bytes, ExchangeError> {
         if let Some(mut stream) = self.take_idle(addr) {
             match stream.exchange(frame).await {
                 Ok(answer) => {
@@ -500,12 +498,6 @@ impl StreamPool {
         let answer = stream.exchange(frame).await?;
         self.put_back(addr, stream);
         Ok(answer)
-    }
-
-    /// Idle connections held for `addr` (tests).
-    pub fn idle_count(&self, addr: &str) -> usize {
-        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        peers.get(addr).map_or(0, |p| p.idle.len())
     }
 }
 

@@ -31,8 +31,9 @@
 //! item, so each may be retried on the next leader; a batch that was sent
 //! but not answered is `Unknown` for every item (any of them may have been
 //! applied). For the same reason a batch is never resent on another
-//! connection after a pooled one fails (`Retry::Never`). A caller that stops waiting (its leader moved away) simply
-//! drops its reply; a batch whose callers have all gone is abandoned.
+//! connection after a pooled one fails (`Retry::Never`). A caller that
+//! stops waiting (its leader moved away) simply drops its reply; a batch
+//! whose callers have all gone is abandoned.
 //!
 //! Wire format (peers only, not a public API): a version byte, a `u32` item
 //! count, then per item length-prefixed fields, little endian; see
@@ -259,7 +260,7 @@ async fn exchange_stream(
             return Some(Err(BatchError::Unknown));
         }
     };
-    Some(decode_replies(&Bytes::from(answer)).map_err(|e| {
+    Some(decode_replies(&answer).map_err(|e| {
         tracing::warn!(leader, "relay batch answer unreadable: {e}");
         BatchError::Unknown
     }))
