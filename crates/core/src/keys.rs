@@ -134,6 +134,14 @@ pub fn lease_expiry(expires_at: Millis, seq: u64) -> Vec<u8> {
 /// front of the lease index (see `scan_hints` in the raft crate).
 pub const READER_FRONT_SCANS: &[&[u8]] = &[&[LEASE_EXPIRY], &[FINISHED]];
 
+/// Is this key (or scan prefix) in a queue-like index: the ready queues and
+/// the delayed index, which `apply` reads from their front on every acquire
+/// and every batch? The store keeps their first rows in memory (see
+/// `queue_fronts` in the raft crate).
+pub fn is_queue_key(key: &[u8]) -> bool {
+    matches!(key.first(), Some(&READY_ANY | &READY_TYPE | &DELAYED))
+}
+
 pub fn request(request_id: &str) -> Vec<u8> {
     let mut k = vec![REQUEST];
     k.extend_from_slice(request_id.as_bytes());

@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
+use super::queue_fronts::QueueFronts;
 use super::scan_hints::{prefix_end, ScanHints};
 use super::{blocking, cf, encode, get_meta, sync_dir, StoreError, CF_SM, CF_SM_META};
 use crate::snapshot_file::{self, Fnv64, SnapshotReader, SnapshotWriter};
@@ -85,6 +86,10 @@ struct Shared {
     applied_tx: watch::Sender<u64>,
     /// Where live keys of scanned prefixes begin (apply path only).
     hints: Mutex<ScanHints>,
+    /// The first rows of the queue indexes (see `queue_fronts`). The apply
+    /// path holds this lock while a commit is written, so readers see the
+    /// fronts and the database agree. Never taken while holding `hints`.
+    fronts: Mutex<QueueFronts>,
     /// When the apply path last refreshed the readers' front-scan hints.
     reader_hints_at: Mutex<Option<Instant>>,
 }
@@ -99,6 +104,15 @@ impl Shared {
     fn hints(&self) -> MutexGuard<'_, ScanHints> {
         // Hints are rebuilt from scratch if a panic left them half-updated.
         self.hints.lock().unwrap_or_else(|p| {
+            let mut g = p.into_inner();
+            g.clear();
+            g
+        })
+    }
+
+    fn fronts(&self) -> MutexGuard<'_, QueueFronts> {
+        // A panic may have left a front half-updated: drop them all.
+        self.fronts.lock().unwrap_or_else(|p| {
             let mut g = p.into_inner();
             g.clear();
             g
@@ -200,10 +214,12 @@ fn db_kv(e: rocksdb::Error) -> KvError {
     KvError(format!("rocksdb: {e}"))
 }
 
-/// `KvRead` over the live `sm` column family. Prefix scans start where the
-/// prefix's live keys begin (see `scan_hints`); with `learn_at` (the apply
-/// path, the only writer, reading the state at that applied index) they
-/// also record what they find.
+/// `KvRead` over the live `sm` column family. Scans of a queue index are
+/// answered from its in-memory front when it holds the whole answer (see
+/// `queue_fronts`); other prefix scans start where the prefix's live keys
+/// begin (see `scan_hints`). With `learn_at` (the apply path, the only
+/// writer, reading the state at that applied index) scans also record what
+/// they find: hints, and the fronts of queue indexes (read ahead).
 struct DbKv<'a> {
     db: &'a DB,
     cf: &'a ColumnFamily,
@@ -218,18 +234,42 @@ impl KvRead for DbKv<'_> {
 
     fn scan(&self, prefix: &[u8], start: &[u8], limit: usize) -> Result<Rows, KvError> {
         let from = if start < prefix { prefix } else { start };
-        let (seek, from_front) = self.shared.hints().seek_for(prefix, from, None);
-        if limit == 0 || seeks_past(prefix, &seek) {
+        if limit == 0 {
             return Ok(Vec::new());
         }
-        let rows = scan_iter(self.db.raw_iterator_cf_opt(self.cf, scan_opts(prefix)), prefix, &seek, limit)?;
+        let queue = jobsched_core::keys::is_queue_key(prefix);
+        let read_ahead = if queue {
+            let fronts = self.shared.fronts();
+            if let Some(rows) = fronts.answer(prefix, from, limit) {
+                return Ok(rows);
+            }
+            fronts.read_ahead()
+        } else {
+            0
+        };
+        let (seek, from_front) = self.shared.hints().seek_for(prefix, from, None);
+        // Only the apply path fills fronts, from a scan that starts at the
+        // prefix's first live key (what `from_front` says).
+        let fill = queue && from_front && self.learn_at.is_some();
+        if seeks_past(prefix, &seek) {
+            if fill {
+                self.shared.fronts().fill(prefix, &[], limit);
+            }
+            return Ok(Vec::new());
+        }
+        let asked = if fill { limit.max(read_ahead) } else { limit };
+        let mut rows = scan_iter(self.db.raw_iterator_cf_opt(self.cf, scan_opts(prefix)), prefix, &seek, asked)?;
         // Only the apply thread writes `sm`, and it is the one learning:
         // nothing was written between the scan and this.
         if let Some(at) = self.learn_at {
-            if from_front && limit > 0 {
+            if from_front {
                 self.shared.hints().learn(prefix, rows.first().map(|(k, _)| k.as_slice()), at);
             }
+            if fill {
+                self.shared.fronts().fill(prefix, &rows, asked);
+            }
         }
+        rows.truncate(limit);
         Ok(rows)
     }
 }
@@ -543,8 +583,10 @@ impl Shared {
         //    describe the old state: forget them (before and after, so that
         //    nothing learned in between survives).
         self.hints().clear();
+        self.fronts().clear();
         let loaded = load_snapshot_file(&self.db, &final_path, &meta);
         self.hints().clear();
+        self.fronts().clear();
         loaded?;
         self.remove_snapshots_except(Some(&name), false)?;
         drop(_g);
@@ -622,10 +664,16 @@ fn apply_entries(shared: &Shared, entries: Vec<Entry>) -> Result<Vec<BatchRespon
             last = Some(entry.log_id);
         }
         let mut batch = WriteBatch::default();
+        // The queue fronts change with the write, under their lock (see
+        // `queue_fronts`): a reader sees both before or both after.
+        let mut fronts = shared.fronts();
         {
             // Hints are lowered before the write commits (see `scan_hints`).
             let mut hints = shared.hints();
             for (k, v) in overlay.into_writes() {
+                if jobsched_core::keys::is_queue_key(&k) {
+                    fronts.on_write(&k, v.as_deref());
+                }
                 match v {
                     Some(v) => {
                         hints.on_put(&k);
@@ -639,7 +687,13 @@ fn apply_entries(shared: &Shared, entries: Vec<Entry>) -> Result<Vec<BatchRespon
         if let Some(m) = &membership {
             batch.put_cf(smm, KEY_MEMBERSHIP, encode(m).map_err(io)?);
         }
-        db.write_opt(batch, &unsynced()).map_err(|e| io(e.into()))?;
+        let written = db.write_opt(batch, &unsynced());
+        if written.is_err() {
+            // The fronts already describe a state the database does not hold.
+            fronts.clear();
+        }
+        drop(fronts);
+        written.map_err(|e| io(e.into()))?;
         shared.publish_applied(last.map(|l| l.index));
     }
     // Hints are only an optimisation: a failed refresh must not fail the apply.
@@ -683,6 +737,7 @@ impl StateMachineStore {
             snapshot_lock: Mutex::new(()),
             applied_tx,
             hints: Mutex::new(ScanHints::default()),
+            fronts: Mutex::new(QueueFronts::default()),
             reader_hints_at: Mutex::new(None),
         });
         let keep = current.map(|m| snapshot_file_name(&m.snapshot_id));
