@@ -18,8 +18,6 @@
 //! - openraft serialises all calls that take `&mut self`; readers
 //!   ([`LogStore`] clones handed out by `get_log_reader`) only read, and
 //!   RocksDB gives them a consistent view of each key.
-//! - Reads of the newest entries are answered from a decoded in-memory tail
-//!   (see `log_tail` for how it stays equal to the stored log).
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -29,7 +27,6 @@ use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{LogState, OptionalSend, RaftLogReader, StorageIOError};
 use rocksdb::{WriteBatch, WriteOptions, DB};
 
-use super::log_tail::LogTail;
 use super::{blocking, cf, decode, encode, get_meta, StoreError, CF_LOGS, CF_RAFT_META};
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
@@ -52,7 +49,6 @@ pub(crate) const MAX_APPEND_BYTES: usize = 1 << 20;
 pub struct LogStore {
     db: Arc<DB>,
     syncer: WalSyncer,
-    tail: Arc<LogTail>,
 }
 
 /// Group commit of the write-ahead log: one thread per store that fsyncs the
@@ -127,7 +123,7 @@ fn synced() -> WriteOptions {
 impl LogStore {
     pub(crate) fn new(db: Arc<DB>) -> Self {
         let syncer = WalSyncer::start(&db);
-        LogStore { db, syncer, tail: Arc::new(LogTail::default()) }
+        LogStore { db, syncer }
     }
 
     fn last_entry_id(&self) -> Result<Option<LogId>, StoreError> {
@@ -159,9 +155,6 @@ impl LogStore {
         let mut bytes = 0usize;
         if end.is_some_and(|e| e <= start) {
             return Ok(out);
-        }
-        if let Some(entries) = self.tail.read(start, end, max_bytes) {
-            return Ok(entries);
         }
         let mut it = self.db.raw_iterator_cf(cf(&self.db, CF_LOGS)?);
         it.seek(log_key(start));
@@ -296,7 +289,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         };
         let mut batch = WriteBatch::default();
         let mut buf = Vec::new();
-        let mut written = Vec::new();
         for entry in entries {
             buf.clear();
             buf.push(super::STORE_VERSION);
@@ -306,7 +298,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 return Err(StorageIOError::write_log_entry(entry.log_id, e.any()).into());
             }
             batch.put_cf(logs, log_key(entry.log_id.index), &buf);
-            written.push((entry, buf.len()));
         }
         // Unsynced: into the WAL file and the memtable, so readable at once
         // (openraft reads the entries back to replicate them as soon as this
@@ -318,8 +309,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             fail(callback, &e);
             return Err(StorageIOError::write_logs(e.any()).into());
         }
-        // Readable from the database now; from the tail too from here on.
-        self.tail.appended(written);
         if let Err(mpsc::SendError(callback)) = self.syncer.tx.send(callback) {
             let e = StoreError::Corrupt("the WAL sync thread is gone".into());
             fail(callback, &e);
@@ -331,7 +320,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         // Remove [log_id.index, ..]: a suffix, so no hole can appear.
         let from = log_id.index;
-        self.tail.truncate_from(from);
         self.write_synced(move |db, b| {
             let logs = cf(db, CF_LOGS)?;
             b.delete_range_cf(logs, log_key(from), log_key(u64::MAX));
@@ -347,7 +335,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // by WAL ordering this also makes durable every state-machine write
         // that made the purge legal (the entries are in a snapshot/applied).
         let upto = log_id.index;
-        self.tail.purge_upto(upto);
         self.write_synced(move |db, b| {
             let logs = cf(db, CF_LOGS)?;
             b.delete_range_cf(logs, log_key(0), log_key(upto));

@@ -41,7 +41,6 @@
 //! with 1M jobs" goal.
 
 mod log_store;
-mod log_tail;
 mod queue_fronts;
 mod scan_hints;
 mod state_machine;
