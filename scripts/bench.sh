@@ -35,7 +35,10 @@
 #   ETCD_PORT_BASE=23800  etcd member i: client PORT_BASE+10*i+1, peer +2
 #   BENCH_DIR=run/bench data, logs and raw results (wiped at the start of a run)
 #   SCALE_JOBS="1000 1000000"  retained-job counts of the scale run
-#   SCALE_POOL=20000    ready jobs each acquire measurement draws from
+#   SCALE_POOL=50000    ready jobs the 16 x 1 acquire measurement draws from
+#   SCALE_POOL16=150000 ready jobs the 4 x 16 acquire measurement draws from
+#                       (both sized to last the measured seconds at ~5k and ~15k jobs/s)
+#   SETTLE_MAX=90       seconds the scale run waits at most for the nodes to go idle after a preload
 #   SKIP_BUILD=1        use the existing release binaries
 #   BIN=DIR             take the binaries from DIR (e.g. a debug build, for a dry run)
 #   NO_DOC=1            do not rewrite docs/benchmarks.md
@@ -56,9 +59,11 @@ CONCURRENCY=${CONCURRENCY:-"1 16 64 256"}
 PORT_BASE=${PORT_BASE:-5200}
 ETCD_PORT_BASE=${ETCD_PORT_BASE:-23800}
 SCALE_JOBS=${SCALE_JOBS:-"1000 1000000"}
-SCALE_POOL=${SCALE_POOL:-20000}
+SCALE_POOL=${SCALE_POOL:-50000}
+SCALE_POOL16=${SCALE_POOL16:-150000}
+SETTLE_MAX=${SETTLE_MAX:-90}
 DOC=$ROOT/docs/benchmarks.md
-DEFAULT_DURATION=10 DEFAULT_CONCURRENCY="1 16 64 256" DEFAULT_SCALE_JOBS="1000 1000000" DEFAULT_SCALE_POOL=20000
+DEFAULT_DURATION=10 DEFAULT_CONCURRENCY="1 16 64 256" DEFAULT_SCALE_JOBS="1000 1000000" DEFAULT_SCALE_POOL=50000 DEFAULT_SCALE_POOL16=150000 DEFAULT_SETTLE_MAX=90
 NODES=(1 2 3)
 PIDS_FILE=$BENCH_DIR/pids
 
@@ -170,6 +175,23 @@ rss_json() { # rss_json DIR
     out+="{\"node\":$n,\"rssMiB\":$((rss / 1024)),\"peakMiB\":$((hwm / 1024)),\"diskMiB\":$(du -sm "$dir/node$n/data" | cut -f1)},"
   done
   echo "[${out%,}]"
+}
+
+# Wait (at most SETTLE_MAX s) until the nodes of DIR use less than a tenth of
+# a core, i.e. RocksDB's flushes and compactions after a bulk load are done.
+# Prints the seconds waited. Why: right after a 1M-job preload, compactions
+# run for a minute or more on one of the two cores; a history that built up
+# over days would have been compacted long before.
+wait_settled() { # wait_settled DIR
+  local dir=$1 n t0=$SECONDS before after
+  local pids=(); for n in "${NODES[@]}"; do pids+=("$(cat "$dir/node$n.pid")"); done
+  cpu_ticks() { local p sum=0; for p in "${pids[@]}"; do sum=$((sum + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$sum"; }
+  while ((SECONDS - t0 < SETTLE_MAX)); do
+    before=$(cpu_ticks); sleep 2; after=$(cpu_ticks)
+    # 2 s at 100 ticks/s: 20 ticks = 10 % of one core.
+    ((after - before < 20)) && break
+  done
+  echo $((SECONDS - t0))
 }
 
 # ----- etcd ------------------------------------------------------------------
@@ -406,8 +428,11 @@ scale() {
     # One pool per measurement, so each starts with the same queue; a run
     # that empties its pool early is measured over the time it took.
     bench "scale-$n-pool1" --coordinators "$urls" preload -n "$SCALE_POOL" --job-type acq1 -c 4
-    bench "scale-$n-pool16" --coordinators "$urls" preload -n "$SCALE_POOL" --job-type acq16 -c 4
-    echo "{\"tag\":\"scale-$n-rss-before\",\"retained\":$n,\"load\":\"$(loadavg)\",\"preloadSeconds\":$((SECONDS - t0)),\"nodes\":$(rss_json "$dir")}" >>"$RESULTS"
+    bench "scale-$n-pool16" --coordinators "$urls" preload -n "$SCALE_POOL16" --job-type acq16 -c 4
+    local preload_s=$((SECONDS - t0)) settle_s
+    settle_s=$(wait_settled "$dir")
+    log "scale-$n: nodes idle after ${settle_s} s (compactions after the preload done)"
+    echo "{\"tag\":\"scale-$n-rss-before\",\"retained\":$n,\"load\":\"$(loadavg)\",\"preloadSeconds\":$preload_s,\"settleSeconds\":$settle_s,\"nodes\":$(rss_json "$dir")}" >>"$RESULTS"
     bench "scale-$n-acquire" --coordinators "$urls" acquire -c 16 --max-jobs 1 -d "$DURATION" --job-type acq1
     bench "scale-$n-acquire16" --coordinators "$urls" acquire -c 4 --max-jobs 16 -d "$DURATION" --job-type acq16
     echo "{\"tag\":\"scale-$n-rss-after\",\"retained\":$n,\"load\":\"$(loadavg)\",\"nodes\":$(rss_json "$dir")}" >>"$RESULTS"
@@ -421,7 +446,7 @@ scale() {
 # settings that differ from the defaults.
 report() {
   local what=$1 cmd="" v
-  for v in DURATION CONCURRENCY SCALE_JOBS SCALE_POOL; do
+  for v in DURATION CONCURRENCY SCALE_JOBS SCALE_POOL SCALE_POOL16 SETTLE_MAX; do
     local def="DEFAULT_$v"
     if [ "${!v}" != "${!def}" ]; then cmd+="$v=\"${!v}\" "; fi
   done
@@ -558,11 +583,13 @@ def scale_block():
     out = [header(None), ""]
     out.append("Each size on a fresh cluster: N jobs submitted in batches, then acquired and completed "
                "(the retained, finished history that the 7-day retention keeps), then a pool of "
-               f"ready jobs of another type; acquire throughput is measured over that pool. "
+               f"ready jobs of another type; the script then waits until the nodes are idle (RocksDB's "
+               "compactions after the bulk load done, at most 90 s: a history built up over days would "
+               "have been compacted long before) and measures acquire throughput over that pool. "
                "Resident memory is VmRSS of each node process (VmHWM = peak) from /proc.")
     out.append("")
-    out.append("| retained jobs | preload s | RSS per node MiB (after preload) | RSS after acquire | peak RSS | disk per node MiB | acquire calls/s (16 workers, 1 job each) | p50 / p99 ms | jobs/s (4 workers x 16 per call) | load |")
-    out.append("|---:|---:|---|---|---|---|---:|---|---:|---|")
+    out.append("| retained jobs | preload s | settle s | RSS per node MiB (after preload) | RSS after acquire | peak RSS | disk per node MiB | acquire calls/s (16 workers, 1 job each) | p50 / p99 ms | jobs/s (4 workers x 16 per call) | load |")
+    out.append("|---:|---:|---:|---|---|---|---|---:|---|---:|---|")
     acq = {}
     peak = {}
     for n in ns:
@@ -575,7 +602,7 @@ def scale_block():
         disk = " / ".join(str(x["diskMiB"]) for x in nodes_a)
         acq[n] = (a1.get("itemsPerSecond"), a16.get("itemsPerSecond"))
         peak[n] = max([x["rssMiB"] for x in nodes_a + nodes_b] or [0])
-        out.append(f"| {n:,} | {rb.get('preloadSeconds', '-')} | {rss_b} | {rss_a} | {pk} | {disk} | {f0(a1.get('itemsPerSecond'))} "
+        out.append(f"| {n:,} | {rb.get('preloadSeconds', '-')} | {rb.get('settleSeconds', '-')} | {rss_b} | {rss_a} | {pk} | {disk} | {f0(a1.get('itemsPerSecond'))} "
                    f"| {f2(a1.get('p50Ms'))} / {f2(a1.get('p99Ms'))} | {f0(a16.get('itemsPerSecond'))} | {ra.get('load', '-')} |")
     out.append("")
     if len(ns) >= 2:
