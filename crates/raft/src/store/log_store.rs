@@ -117,6 +117,24 @@ fn index_of_key(key: &[u8]) -> Result<u64, StoreError> {
     Ok(u64::from_be_bytes(arr))
 }
 
+/// Decode the stored entry `v` found under index `idx` onto `out` and count
+/// its bytes; true once they reach `max_bytes` (the read should stop).
+fn take_entry(
+    out: &mut Vec<Entry>,
+    bytes: &mut usize,
+    idx: u64,
+    v: &[u8],
+    max_bytes: Option<usize>,
+) -> Result<bool, StoreError> {
+    let entry: Entry = decode(v)?;
+    if entry.log_id.index != idx {
+        return Err(StoreError::Corrupt(format!("log key {idx} holds entry {}", entry.log_id.index)));
+    }
+    out.push(entry);
+    *bytes += v.len();
+    Ok(max_bytes.is_some_and(|m| *bytes >= m))
+}
+
 fn synced() -> WriteOptions {
     let mut o = WriteOptions::default();
     o.set_sync(true);
@@ -168,16 +186,7 @@ impl LogStore {
         it.seek(log_key(start));
         while let Some((k, v)) = it.item() {
             let idx = index_of_key(k)?;
-            if end.is_some_and(|e| idx >= e) {
-                break;
-            }
-            let entry: Entry = decode(v)?;
-            if entry.log_id.index != idx {
-                return Err(StoreError::Corrupt(format!("log key {idx} holds entry {}", entry.log_id.index)));
-            }
-            out.push(entry);
-            bytes += v.len();
-            if max_bytes.is_some_and(|m| bytes >= m) {
+            if end.is_some_and(|e| idx >= e) || take_entry(&mut out, &mut bytes, idx, v, max_bytes)? {
                 break;
             }
             it.next();
@@ -206,13 +215,7 @@ impl LogStore {
                 }
                 break;
             };
-            let entry: Entry = decode(&v)?;
-            if entry.log_id.index != idx {
-                return Err(StoreError::Corrupt(format!("log key {idx} holds entry {}", entry.log_id.index)));
-            }
-            out.push(entry);
-            bytes += v.len();
-            if max_bytes.is_some_and(|m| bytes >= m) {
+            if take_entry(&mut out, &mut bytes, idx, &v, max_bytes)? {
                 break;
             }
         }

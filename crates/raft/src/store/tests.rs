@@ -158,7 +158,9 @@ async fn short_and_long_log_reads_agree() {
     // What exists: 21..=145, entries 141.. rewritten.
     let all = log.try_get_log_entries(0..1_000).await.unwrap();
     assert_eq!(indexes(all.clone()), (21..=145).collect::<Vec<_>>());
-    for (start, end) in [(1, 30), (15, 25), (20, 21), (21, 22), (21, 85), (100, 140), (130, 150), (145, 146), (146, 150), (200, 210)] {
+    for (start, end) in
+        [(1, 30), (15, 25), (20, 21), (21, 22), (21, 85), (100, 140), (130, 150), (145, 146), (146, 150), (200, 210)]
+    {
         let want: Vec<Entry> = all.iter().filter(|e| (start..end).contains(&e.log_id.index)).cloned().collect();
         assert_eq!(log.try_get_log_entries(start..end).await.unwrap(), want, "{start}..{end}");
         assert_eq!(log.limited_get_log_entries(start, end).await.unwrap(), want, "limited {start}..{end}");
