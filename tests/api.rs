@@ -476,7 +476,8 @@ async fn status_endpoints_and_swagger() {
 }
 
 /// Steps: batch-submit 3 jobs (with request ids) on a follower: 201, created
-/// 3, in order, all Pending and stamped with the same time (one Raft entry);
+/// 3, in order, all Pending and stamped with the same time (one Raft entry),
+/// their ids UUID v7 increasing in item order and below a later submit's;
 /// the same batch again: 200, created 0, the same ids; a batch with one
 /// invalid item is refused as a whole with the item named in `field`, and
 /// creates nothing; an empty batch is 422. Then acquire all three and report
@@ -500,6 +501,15 @@ async fn batch_submit_and_batched_completions() {
     assert!(jobs.iter().all(|j| j["status"] == "Pending"));
     assert!(jobs.iter().all(|j| j["createdAt"] == jobs[0]["createdAt"]), "one entry, one leader time: {first}");
     assert_eq!(jobs[2]["payload"], json!({"k": 1}));
+    // Ids are time-ordered (UUID v7), increasing in submission order, so the
+    // records of jobs submitted together are stored together.
+    let uuid_of = |j: &Value| uuid::Uuid::parse_str(j["id"].as_str().unwrap()).unwrap();
+    let batch_ids: Vec<uuid::Uuid> = jobs.iter().map(uuid_of).collect();
+    assert!(batch_ids.iter().all(|id| id.get_version_num() == 7), "{batch_ids:?}");
+    assert!(batch_ids.windows(2).all(|w| w[0] < w[1]), "not in item order: {batch_ids:?}");
+    let (st, later) = c.post(f, "/api/jobs", json!({"type": "other"})).await;
+    assert_eq!(st, 201, "{later}");
+    assert!(uuid_of(&later) > batch_ids[2], "a later submit sorts after the batch: {later}");
 
     let (st, retry) = c.post(c.running()[0], "/api/jobs/batch", batch).await;
     assert_eq!(st, 200, "{retry}");
@@ -514,7 +524,7 @@ async fn batch_submit_and_batched_completions() {
     let (st, empty) = c.post(f, "/api/jobs/batch", json!({"jobs": []})).await;
     assert_eq!(st, 422, "{empty}");
     let (_, all) = c.get(f, "/api/jobs?limit=100").await;
-    assert_eq!(all["jobs"].as_array().unwrap().len(), 3, "refused batches created nothing: {all}");
+    assert_eq!(all["jobs"].as_array().unwrap().len(), 4, "refused batches created nothing: {all}");
 
     let worker = c.register_worker(f, &["sample"], 10).await;
     let (st, acq) = c.post(f, "/api/jobs/acquire", json!({"workerId": worker, "maxJobs": 3})).await;
