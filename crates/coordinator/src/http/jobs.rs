@@ -36,7 +36,6 @@ impl ReadParams {
     }
 }
 
-/// Wait for a linearizable read point unless the caller asked for a stale read.
 /// A new job's id: a UUID version 7 (RFC 9562), whose leading 48 bits are
 /// the submission time in milliseconds, so ids made on one node increase
 /// (the uuid crate keeps them ordered within the process).
@@ -55,6 +54,7 @@ fn new_job_id() -> Uuid {
     Uuid::now_v7()
 }
 
+/// Wait for a linearizable read point unless the caller asked for a stale read.
 async fn read_barrier(node: &Node, stale: bool) -> ApiResult<()> {
     if stale {
         Ok(())
