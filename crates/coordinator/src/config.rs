@@ -93,12 +93,14 @@ pub struct Config {
     #[serde(default)]
     pub outbound_bind: Option<IpAddr>,
     /// Threads of the node's async runtime (HTTP, Raft, apply of small
-    /// entries). 0, the default, means one per CPU core. Why it is a knob:
+    /// entries). 0, the default, means one per CPU core; 1 means a
+    /// single-threaded runtime (tokio's current-thread scheduler: every task
+    /// on the main thread, no work-stealing machinery). Why it is a knob:
     /// when several nodes share a machine's cores (a local cluster, the
     /// benchmarks), each extra runtime thread mostly adds wake-ups between
     /// threads (futex, context switches) instead of parallelism; see
-    /// docs/benchmarks.md. Blocking work (fsync, big applies, snapshots)
-    /// runs on separate threads either way.
+    /// docs/benchmarks.md items 14 and 33. Blocking work (fsync, big
+    /// applies, snapshots) runs on separate threads either way.
     #[serde(default)]
     pub runtime_threads: usize,
     /// Log format: "text" or "json". Default text.
