@@ -50,7 +50,7 @@ fn main() -> ExitCode {
     // multi-thread runtime, which still carries the work-stealing
     // scheduler's bookkeeping (and polls `block_on`'s future on a second
     // thread). Measured (docs/benchmarks.md item 33): at 64 connections
-    // 9 % less cluster CPU per submit, and the proposer finds more commands
+    // 7-9 % less cluster CPU per submit, and the proposer finds more commands
     // waiting per Raft entry (17.5 vs 14.6 jobs per entry).
     let mut builder = if config.runtime_threads == 1 {
         tokio::runtime::Builder::new_current_thread()
