@@ -427,6 +427,10 @@ pub struct ClusterView {
     pub last_log_index: Option<u64>,
     pub last_applied_index: Option<u64>,
     pub snapshot_index: Option<u64>,
+    /// Index of the last log entry this node has purged (entries up to it
+    /// live only in the snapshot).
+    #[serde(default)]
+    pub purged_index: Option<u64>,
     /// Milliseconds since the leader last heard from a quorum (leader only).
     pub millis_since_quorum_ack: Option<u64>,
     /// Requests this node relayed to a leader in batches since it started,

@@ -351,7 +351,7 @@ pub async fn run_with_listener(
         addr: config.advertise_addr(),
         config: config.clone(),
         raft: raft.clone(),
-        sm: sm_kv,
+        sm: sm_kv.clone(),
         applied,
         proposer,
         relays: crate::http::relay_batch::RelayBatcher::start(http.clone(), streams),
@@ -390,6 +390,13 @@ pub async fn run_with_listener(
     let _ = monitors.await;
     if let Err(e) = raft.shutdown().await {
         tracing::warn!("raft shutdown: {e}");
+    }
+    // Apply steps skip the WAL: flush them so the next start has nothing to
+    // re-apply (a crash instead re-applies them from the Raft log).
+    match tokio::task::spawn_blocking(move || sm_kv.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("flushing the state machine at shutdown: {e}"),
+        Err(e) => tracing::warn!("flushing the state machine at shutdown: {e}"),
     }
     Ok(())
 }

@@ -60,6 +60,7 @@ pub async fn cluster(State(node): State<SharedNode>) -> Json<ClusterView> {
         last_log_index: m.last_log_index,
         last_applied_index: m.last_applied.map(|l| l.index),
         snapshot_index: m.snapshot.map(|l| l.index),
+        purged_index: m.purged.map(|l| l.index),
         millis_since_quorum_ack: m.millis_since_quorum_ack,
         relayed_items: node.relays.items(),
         relay_batches: node.relays.batches(),

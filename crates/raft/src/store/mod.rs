@@ -13,22 +13,38 @@
 //! <data_dir>/snapshots/   <snapshot id>.snap (only the current one is kept)
 //! ```
 //!
-//! ## Why state-machine writes are not synced
+//! ## Why apply writes skip the WAL
 //!
 //! All column families share one write-ahead log, and RocksDB appends to it in
 //! write order. A write with `sync = true` fsyncs the WAL up to and including
-//! itself, so it also makes every earlier write durable, whatever its column
-//! family; so does a WAL fsync on its own (`flush_wal(true)`). The log store
-//! syncs every vote, truncate and purge, and acknowledges every append only
-//! after a WAL fsync that began after the append's write (group commit, see
-//! `log_store`); the state machine writes unsynced. After a crash, recovery replays the WAL up
-//! to the last durable point, and because each apply step is one WriteBatch
-//! (data, `last_applied` and membership together) the state machine comes
-//! back at some exact earlier `last_applied`, never half an entry. openraft then re-applies the
-//! committed entries after it from the log, which is durable. The only things
-//! that must not run ahead of the state machine on disk are log purges and
-//! snapshot metadata, and both are synced writes, so by the same WAL ordering
-//! every apply before them is durable too.
+//! itself, so it also makes every earlier WAL write durable, whatever its
+//! column family; so does a WAL fsync on its own (`flush_wal(true)`). The log
+//! store syncs every vote, truncate and purge, and acknowledges every append
+//! only after a WAL fsync that began after the append's write (group commit,
+//! see `log_store`).
+//!
+//! The state machine's apply steps do not go through the WAL at all
+//! (`WriteOptions::disable_wal`): the Raft log already holds every entry they
+//! come from, durably, so writing the same change a second time to the WAL
+//! (about two thirds of its bytes under load) bought nothing. After a crash
+//! the state machine comes back as it was at its last memtable flush, and
+//! openraft re-applies the committed entries after that point from the log
+//! (`get_initial_state` -> `reapply_committed`). What keeps this sound:
+//!
+//! - Each apply step is one WriteBatch (data, `last_applied`, membership), and
+//!   `sm` and `sm_meta` are flushed atomically (`atomic_flush`), so the flushed
+//!   state is always some exact `last_applied`, never half an entry or data
+//!   without its index.
+//! - The log entries after the flushed `last_applied` must still exist. The
+//!   log is purged only up to a published snapshot (openraft's
+//!   `calc_purge_upto`), and a snapshot is published only after the state
+//!   machine is flushed past it (`build_snapshot`), or, when installed from
+//!   the leader, by synced WAL writes. So the snapshot meta is never ahead of
+//!   the durable `last_applied` either.
+//! - An install wipes the keys it can see; it flushes first, so that a delete
+//!   lost in a crash cannot bring back a key the wipe did not see.
+//! - A graceful shutdown flushes the state machine (`SmKv::flush`, called by
+//!   the coordinator after Raft stops), so a restart re-applies nothing.
 //!
 //! ## Memory
 //!
@@ -163,6 +179,11 @@ fn open_db(path: &Path) -> Result<DB, OpenError> {
     db_opts.set_max_log_file_size(8 << 20);
     // Smooth out writeback instead of large bursts at fsync time.
     db_opts.set_bytes_per_sync(1 << 20);
+    // Apply steps skip the WAL (see the module docs), so `sm` and `sm_meta`
+    // must reach disk together or not at all. With this set, every automatic
+    // flush flushes all column families in one atomic step, and a manual
+    // flush the given ones.
+    db_opts.set_atomic_flush(true);
 
     let cfs = vec![
         ColumnFamilyDescriptor::new(CF_LOGS, cf_opts(LOG_WRITE_BUFFER_BYTES, false)),

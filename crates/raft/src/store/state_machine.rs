@@ -6,8 +6,12 @@
 //! - `sm` changes only through `jobsched_core::apply` (or a snapshot install,
 //!   which replaces it wholesale). Each apply step commits the overlay's
 //!   writes, `last_applied` and (for membership entries) the membership in
-//!   ONE WriteBatch, so on disk they always agree. These writes are not
-//!   synced: see the module docs of [`crate::store`] for why that is safe.
+//!   ONE WriteBatch, written without the WAL; `sm` and `sm_meta` are flushed
+//!   atomically, so on disk they always agree (see "Why apply writes skip
+//!   the WAL" in the module docs of [`crate::store`]).
+//! - A snapshot is published only after the state machine has been flushed
+//!   up to (at least) it, so the log it lets openraft purge is never needed
+//!   to rebuild the state machine after a crash.
 //! - Snapshots are point in time: a RocksDB snapshot pins one sequence
 //!   number, and both the data and the metadata (`last_applied`, membership)
 //!   are read under it.
@@ -35,7 +39,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use jobsched_core::{KvError, KvRead, Overlay};
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, StorageIOError};
-use rocksdb::{ColumnFamily, DBRawIteratorWithThreadMode, ReadOptions, WriteBatch, WriteOptions, DB};
+use rocksdb::{ColumnFamily, DBRawIteratorWithThreadMode, FlushOptions, ReadOptions, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
@@ -158,9 +162,22 @@ fn synced() -> WriteOptions {
     o
 }
 
-/// State-machine writes: not synced (see the module docs of `store`).
+/// Snapshot-install batches before the last: in the WAL, not synced (the
+/// last one is synced; a crash before it redoes the install).
 fn unsynced() -> WriteOptions {
     WriteOptions::default()
+}
+
+/// Apply steps: not in the WAL at all. The Raft log already holds every
+/// applied entry durably, so after a crash the state machine restarts from
+/// its last flushed state and openraft re-applies the committed entries
+/// after it; see "Why apply writes skip the WAL" in the module docs of
+/// `store` for what keeps that sound (atomic flush of `sm` with `sm_meta`,
+/// a flush before a snapshot is published).
+fn without_wal() -> WriteOptions {
+    let mut o = WriteOptions::default();
+    o.disable_wal(true);
+    o
 }
 
 // ----- reading the key space ------------------------------------------------
@@ -311,6 +328,13 @@ pub struct SmKv {
 }
 
 impl SmKv {
+    /// Make every apply step so far durable (apply steps skip the WAL; see
+    /// the module docs of `store`). For a graceful shutdown, after Raft has
+    /// stopped, so that the next start has nothing to re-apply. Blocks.
+    pub fn flush(&self) -> Result<(), KvError> {
+        flush_state_machine(&self.shared.db).map_err(KvError::from)
+    }
+
     fn with_kv<R>(&self, f: impl FnOnce(&DbKv<'_>) -> Result<R, KvError>) -> Result<R, KvError> {
         let db = &*self.shared.db;
         let cf = cf(db, CF_SM)?;
@@ -512,6 +536,16 @@ impl Shared {
             return Err(e);
         }
         drop(snap);
+        // Apply steps skip the WAL, so until a flush this snapshot's state
+        // may exist only in memtables. Publishing the snapshot lets openraft
+        // purge the log up to it; the entries purged must never be needed to
+        // rebuild the state machine after a crash, so make everything applied
+        // so far (this snapshot's `last_applied` included) durable first.
+        // `sm` and `sm_meta` flush atomically (`atomic_flush`, see `open_db`).
+        if let Err(e) = flush_state_machine(db) {
+            let _ = fs::remove_file(&final_path);
+            return Err(e);
+        }
         let handle = File::open(&final_path)?;
         let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
 
@@ -595,6 +629,16 @@ impl Shared {
     }
 }
 
+/// Flush the state machine's memtables (`sm` and `sm_meta`, atomically) to
+/// SST files and wait: every apply step written before the call is durable
+/// when it returns.
+pub(crate) fn flush_state_machine(db: &DB) -> Result<(), StoreError> {
+    let mut opts = FlushOptions::default();
+    opts.set_wait(true);
+    db.flush_cfs_opt(&[cf(db, CF_SM)?, cf(db, CF_SM_META)?], &opts)?;
+    Ok(())
+}
+
 /// Wipe `sm` and load the snapshot file into it in bounded batches; the final
 /// (synced) batch sets last_applied, membership and the current snapshot meta
 /// and clears the pending-install marker. Idempotent, so recovery can redo it.
@@ -602,6 +646,12 @@ fn load_snapshot_file(db: &DB, path: &Path, meta: &SnapshotMeta) -> Result<(), S
     let (sm, smm) = (cf(db, CF_SM)?, cf(db, CF_SM_META)?);
     let mut reader = SnapshotReader::new(BufReader::with_capacity(1 << 20, File::open(path)?))?;
 
+    // The wipe below covers the keys this node can see. A delete written
+    // without the WAL (an apply step) can hide a key that exists only in an
+    // SST file; if that delete were lost in a crash after the install, the
+    // key would come back beside the snapshot's state. Flushing first makes
+    // what the node sees exactly what is durable.
+    flush_state_machine(db)?;
     let mut batch = WriteBatch::default();
     let (first, last) = {
         let mut it = db.raw_iterator_cf(sm);
@@ -687,7 +737,7 @@ fn apply_entries(shared: &Shared, entries: Vec<Entry>) -> Result<Vec<BatchRespon
         if let Some(m) = &membership {
             batch.put_cf(smm, KEY_MEMBERSHIP, encode(m).map_err(io)?);
         }
-        let written = db.write_opt(batch, &unsynced());
+        let written = db.write_opt(batch, &without_wal());
         if written.is_err() {
             // The fronts already describe a state the database does not hold.
             fronts.clear();
