@@ -8,6 +8,17 @@ use clap::Parser;
 use jobsched_coordinator::config::Subcommand;
 use jobsched_coordinator::{Config, Flags};
 
+/// The Rust side's allocator: mimalloc instead of glibc malloc.
+///
+/// Why: under load every request allocates and frees many small buffers
+/// (HTTP parsing, JSON, the state machine's overlay, Raft entries); glibc's
+/// malloc/free were about 10 % of each node's CPU samples (87 % of them from
+/// Rust code), mimalloc's thread-local free lists make those few
+/// instructions (docs/benchmarks.md item 35). RocksDB's C++ allocations
+/// still go to glibc, tuned below.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// glibc malloc arenas for the whole process (unless `MALLOC_ARENA_MAX` is
 /// set in the environment, which glibc then honours instead).
 ///
