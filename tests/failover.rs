@@ -1,5 +1,7 @@
 //! Fault tolerance on a real 3-node cluster: kill -9 of the leader under
-//! load, a full-cluster restart, and a lagging node catching up by snapshot.
+//! load, a full-cluster restart (also after log purges, which makes every
+//! node re-apply from the Raft log what its state machine had not flushed),
+//! and a lagging node catching up by snapshot.
 
 mod common;
 
