@@ -30,7 +30,7 @@ fn parse_url(url: &str) -> Result<reqwest::Url> {
 
 /// [`post_raw`] to a URL parsed beforehand. Why: the closed loops send to
 /// the same few URLs hundreds of thousands of times, and parsing a URL string
-/// (host normalisation included) was ~4 % of the load generator's CPU, which
+/// (host normalisation included) was ~3 % of the load generator's CPU, which
 /// shares the machine's cores with the cluster under test.
 async fn post_to(http: &reqwest::Client, url: &reqwest::Url, body: String) -> Result<bytes::Bytes> {
     let r = http.post(url.clone()).header(reqwest::header::CONTENT_TYPE, "application/json").body(body).send().await?;
