@@ -184,9 +184,9 @@ enum Mode {
 
 // One thread. Why: the load generator shares the machine's cores with the
 // cluster it measures (3 nodes + this process on 2 cores in the benchmark
-// runs). With tokio's default two workers it took 57 us of CPU per submit
+// runs). With tokio's default two workers it took 58 us of CPU per submit
 // (a third of what the three nodes together spent per job); on one thread
-// 43 us, the rest left to the systems under test (ours and etcd alike). One
+// 44 us, the rest left to the systems under test (ours and etcd alike). One
 // thread keeps up: at 15,000 requests/s it would be about a third of a core.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
