@@ -264,6 +264,12 @@ async fn snapshot_round_trip_between_stores() {
     let files: Vec<_> = std::fs::read_dir(b_dir.path().join("snapshots")).unwrap().collect();
     assert_eq!(files.len(), 1, "receive file renamed into place, nothing left over");
 
+    // B's own request id went with its state; A's came with the snapshot.
+    use jobsched_core::KvRead;
+    let kv_b = b.kv();
+    assert_eq!(kv_b.get(&jobsched_core::keys::request("req-777")).unwrap(), None);
+    assert_eq!(kv_b.get(&jobsched_core::keys::request("req-9")).unwrap(), Some(Uuid::from_u128(9).as_bytes().to_vec()));
+
     // B keeps applying from there.
     b.apply(vec![submit_entry(54, 2000)]).await.unwrap();
     a.apply(vec![submit_entry(54, 2000)]).await.unwrap();
@@ -438,7 +444,9 @@ async fn hinted_scans_match_the_reference_store() {
                     if next() % 2 == 0 {
                         s.job_type = "sms".into();
                     }
-                    commands.push(Command::SubmitJob { job_id: Uuid::from_u128(n), request_id: None, spec: s });
+                    // Some with request ids (some of them retries).
+                    let request_id = (next() % 3 == 0).then(|| format!("req-{}", next() % 40));
+                    commands.push(Command::SubmitJob { job_id: Uuid::from_u128(n), request_id, spec: s });
                 }
                 4..=6 => {
                     let worker_id = if next() % 2 == 0 { typed } else { any };
@@ -526,10 +534,16 @@ async fn hinted_scans_match_the_reference_store() {
         assert_eq!(ids(stored.leases_due_by(now, 1_000).unwrap()), ids(reference.leases_due_by(now, 1_000).unwrap()));
     }
     assert!(!Reader::new(&check).running_jobs().unwrap().is_empty(), "the history leaves leases running");
-    // Same final state.
-    let stored = kv.scan(&[], &[], usize::MAX).unwrap();
-    let reference: Vec<(Vec<u8>, Vec<u8>)> = check.map.into_iter().collect();
-    assert_eq!(stored, reference);
+    // Same final state: scans of the whole key space from the start, from
+    // inside the request ids and after them, and of the request-id prefix.
+    let reference: Vec<(Vec<u8>, Vec<u8>)> = check.map.clone().into_iter().collect();
+    assert!(reference.iter().filter(|(k, _)| k[0] == b'r').count() > 10, "the history submits with request ids");
+    assert_eq!(kv.scan(&[], &[], usize::MAX).unwrap(), reference);
+    for (prefix, start, limit) in [(&b""[..], &b"r"[..], 7), (b"", b"req-2", 3), (b"", b"s", 5), (b"r", b"req-1", 4)] {
+        let want = check.scan(prefix, start, limit).unwrap();
+        assert_eq!(kv.scan(prefix, start, limit).unwrap(), want, "scan {prefix:?} from {start:?}");
+        assert_eq!(kv.read_consistent(|r| r.scan(prefix, start, limit)).unwrap().unwrap(), want);
+    }
 }
 
 /// A scan whose seek key lies past every key of its prefix (the hint of a
